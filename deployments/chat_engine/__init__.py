@@ -1,0 +1,1 @@
+"""Generation for the chat deployment: turning prompt token ids into exact text increments."""

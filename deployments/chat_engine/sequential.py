@@ -1,0 +1,144 @@
+"""A generation engine that runs `model.generate` for one sequence at a time on a worker thread.
+
+The replica's event loop only relays increments: the model, the detokenizer and the stop checks all run on the
+worker, which pushes finished increments to the request's queue. A request whose consumer goes away is marked
+cancelled and leaves generation at the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from deployments.chat_engine.text_output import TextOutput
+from serve_app.protocol.engine import FinishReason, GenerateRequest, GenerationChunk
+
+
+@dataclass
+class _Job:
+    request: GenerateRequest
+    emit: Callable[[GenerationChunk | BaseException], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class _JobStreamer(BaseStreamer):
+    """Receives each generated token from `generate`, turns it into text and emits it."""
+
+    def __init__(self, job: _Job, output: TextOutput, end_token_ids: frozenset[int]) -> None:
+        self._job = job
+        self._output = output
+        self._end_ids = end_token_ids
+        self._prompt_seen = False
+        self.completion_tokens = 0
+        self.ended_on_end_token = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first hands over the prompt
+            self._prompt_seen = True
+            return
+        ids = value.reshape(-1).tolist()
+        self.completion_tokens += len(ids)
+        text_ids = [i for i in ids if i not in self._end_ids]
+        self.ended_on_end_token = len(text_ids) < len(ids)
+        text = self._output.add(text_ids) if text_ids else ""
+        if text:
+            self._job.emit(GenerationChunk(text=text, completion_tokens=self.completion_tokens))
+
+    def end(self) -> None:
+        pass
+
+
+class _StopWhen(StoppingCriteria):
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        super().__init__()
+        self._should_stop = should_stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self._should_stop(), dtype=torch.bool, device=input_ids.device)
+
+
+class SequentialEngine:
+    def __init__(self, model: Any, tokenizer: Any, end_token_ids: list[int]) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self._end_ids = frozenset(end_token_ids)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._active = 0
+
+    @property
+    def active_sequences(self) -> int:
+        return self._active
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+        job = _Job(request, emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        self._active += 1
+        loop.run_in_executor(self._executor, self._run, job)
+        try:
+            while True:
+                item = await queue.get()
+                # Merge what piled up while we were away: fewer, larger messages through Ray.
+                while not queue.empty() and isinstance(item, GenerationChunk) and item.finish_reason is None:
+                    item = _merge(item, queue.get_nowait())
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            job.cancelled.set()
+            self._active -= 1
+
+    def _run(self, job: _Job) -> None:
+        if job.cancelled.is_set():
+            return
+        try:
+            job.emit(self._generate(job))
+        except BaseException as exc:  # reported to the waiting request, never lost in the executor
+            job.emit(exc)
+
+    def _generate(self, job: _Job) -> GenerationChunk:
+        request, sampling = job.request, job.request.sampling
+        output = TextOutput(self._tokenizer, request.prompt_token_ids, sampling.stop)
+        streamer = _JobStreamer(job, output, self._end_ids)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        device = self._model.device
+        input_ids = torch.tensor([request.prompt_token_ids], device=device)
+        kwargs: dict[str, Any] = {}
+        if not sampling.greedy:
+            kwargs = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or None}
+        with torch.inference_mode():
+            self._model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=sampling.max_tokens,
+                do_sample=not sampling.greedy,
+                repetition_penalty=sampling.repetition_penalty,
+                eos_token_id=sorted(self._end_ids),
+                pad_token_id=self._tokenizer.pad_token_id,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList(
+                    [_StopWhen(lambda: job.cancelled.is_set() or output.stopped)]
+                ),
+                **kwargs,
+            )
+        finish: FinishReason = "stop" if output.stopped or streamer.ended_on_end_token else "length"
+        return GenerationChunk(output.finish(), streamer.completion_tokens, finish)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _merge(first: GenerationChunk, second: GenerationChunk | BaseException) -> GenerationChunk | BaseException:
+    if isinstance(second, BaseException):
+        return second
+    return GenerationChunk(first.text + second.text, second.completion_tokens, second.finish_reason)

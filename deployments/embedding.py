@@ -1,0 +1,57 @@
+"""The embedding deployment: one sentence-transformers model; concurrent requests share forward passes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+from ray import serve
+
+from deployments.model_files import resolve_device
+from serve_app.config import EmbeddingModelConfig
+from serve_app.protocol.engine import Embeddings
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment
+class EmbeddingDeployment:
+    def __init__(self, config: EmbeddingModelConfig) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self._model = SentenceTransformer(config.path, device=resolve_device(config.device))
+        self._max_sentences = config.max_batch_size
+        self._embed_batch.set_max_batch_size(config.max_batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.dimensions = int(self._model.get_embedding_dimension())
+        logger.info("embedding model %s loaded from %s (%d-d)", config.name, config.path, self.dimensions)
+
+    async def embed(self, texts: list[str]) -> Embeddings:
+        return await self._embed_batch(texts)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _embed_batch(self, requests: list[list[str]]) -> list[Embeddings]:
+        texts = [text for request in requests for text in request]
+        vectors, counts = await asyncio.to_thread(self._encode, texts)
+        results, start = [], 0
+        for request in requests:
+            end = start + len(request)
+            results.append(Embeddings(vectors=vectors[start:end], token_counts=counts[start:end]))
+            start = end
+        return results
+
+    def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        features = self._model.tokenizer(
+            texts, truncation=True, max_length=self._model.max_seq_length, return_length=True
+        )
+        vectors = self._model.encode(
+            texts, batch_size=self._max_sentences, convert_to_numpy=True, show_progress_bar=False
+        )
+        return vectors.astype(np.float32, copy=False), list(features["length"])
+
+    def dimension(self) -> int:
+        return self.dimensions
+
+    def ping(self) -> bool:
+        return True

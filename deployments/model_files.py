@@ -1,0 +1,68 @@
+"""Loading what a chat model folder holds: device and dtype choice, tokenizer, context window, end tokens.
+
+Shared by the chat and tokenizer deployments so both see the same window and the same tokenizer settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serve_app.config import ChatModelConfig, Device, DType
+
+# ChatGLM's turn markers end an assistant reply just as eos does.
+_GLM_TURN_END_TOKENS = ("<|user|>", "<|observation|>")
+
+
+def resolve_device(device: Device) -> str:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was configured but this replica sees no CUDA device")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: DType, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(config: ChatModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.path, trust_remote_code=config.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def context_window(config: ChatModelConfig) -> int:
+    """The most tokens (prompt + completion) a sequence may hold."""
+    if config.max_model_len is not None:
+        return config.max_model_len
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(config.path, trust_remote_code=config.trust_remote_code)
+    # ChatGLM3's remote-code config calls it seq_length.
+    for attribute in ("max_position_embeddings", "seq_length", "n_positions"):
+        value = getattr(model_config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(f"cannot tell the context window of {config.path!r}: set max_model_len in its config")
+
+
+def end_token_ids(generation_eos: int | list[int] | None, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    if isinstance(generation_eos, int):
+        ids.add(generation_eos)
+    elif generation_eos:
+        ids.update(generation_eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    special = set(tokenizer.all_special_tokens)
+    ids.update(tokenizer.convert_tokens_to_ids(t) for t in _GLM_TURN_END_TOKENS if t in special)
+    return sorted(ids)

@@ -1,0 +1,61 @@
+"""The tokenizer deployment: chat templates, token counts and (de)tokenization for every chat model.
+
+It lets the ingress validate a request against the context window and count its tokens without touching the
+GPU replicas. Its methods are plain (sync) functions: Serve runs them on its thread pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from deployments.model_files import context_window, load_tokenizer
+from serve_app.config import ChatModelConfig
+from serve_app.errors import InvalidRequest, ModelNotFound
+from serve_app.protocol.engine import ChatPrompt
+
+
+@serve.deployment
+class TokenizerDeployment:
+    def __init__(self, chat_models: list[ChatModelConfig]) -> None:
+        self._tokenizers = {m.name: load_tokenizer(m) for m in chat_models}
+        self._windows = {m.name: context_window(m) for m in chat_models}
+
+    def _tokenizer(self, model: str) -> Any:
+        try:
+            return self._tokenizers[model]
+        except KeyError:
+            raise ModelNotFound(model) from None
+
+    def render_chat(
+        self, model: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> ChatPrompt:
+        tokenizer = self._tokenizer(model)
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        except Exception as exc:  # a template may reject a conversation (role order, missing fields)
+            raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
+        # The template already wrote the special prefix tokens.
+        token_ids = tokenizer.encode(text, add_special_tokens=False)
+        return ChatPrompt(token_ids=token_ids, max_model_len=self._windows[model])
+
+    def encode(self, model: str, text: str, add_special_tokens: bool = True) -> ChatPrompt:
+        token_ids = self._tokenizer(model).encode(text, add_special_tokens=add_special_tokens)
+        return ChatPrompt(token_ids=token_ids, max_model_len=self._windows[model])
+
+    def decode(self, model: str, token_ids: list[int]) -> str:
+        tokenizer = self._tokenizer(model)
+        vocab_size = len(tokenizer)
+        unknown = [t for t in token_ids if t >= vocab_size]
+        if unknown:
+            raise InvalidRequest(
+                f"token ids {unknown[:5]} are outside the vocabulary of {model!r} (size {vocab_size})",
+                param="tokens",
+            )
+        return tokenizer.decode(token_ids)
+
+    def ping(self) -> bool:
+        return True

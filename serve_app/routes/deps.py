@@ -1,0 +1,21 @@
+"""Dependencies shared by the routers: the services the ingress built, found on the app's state."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from serve_app.registry import ModelRegistry
+from serve_app.serving.chat import ChatService
+from serve_app.serving.embeddings import EmbeddingService
+
+
+def registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry  # type: ignore[no-any-return]
+
+
+def chat_service(request: Request) -> ChatService:
+    return request.app.state.chat  # type: ignore[no-any-return]
+
+
+def embedding_service(request: Request) -> EmbeddingService:
+    return request.app.state.embeddings  # type: ignore[no-any-return]

@@ -1,0 +1,147 @@
+"""Chat completions: render and count the prompt, check it fits the window, generate, shape the answer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from serve_app.errors import APIError, InvalidRequest, error_body
+from serve_app.protocol.engine import ChatPrompt, FinishReason, GenerateRequest, GenerationChunk
+from serve_app.protocol.openai import (
+    AssistantMessage,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    UsageInfo,
+    new_completion_id,
+    now,
+    usage,
+)
+from serve_app.registry import ModelHandle, ModelRegistry
+from serve_app.sse import DONE, data_event
+
+logger = logging.getLogger("glm_serve")
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    """A request that passed every check and is ready for the chat deployment."""
+
+    model: ModelHandle
+    generate: GenerateRequest
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.generate.prompt_token_ids)
+
+
+def completion_budget(prompt: ChatPrompt, requested: int | None) -> int:
+    """The max_tokens to generate with: what was asked if it fits the window, else the room that is left."""
+    prompt_tokens, window = len(prompt.token_ids), prompt.max_model_len
+    if requested is not None and prompt_tokens + requested > window:
+        raise InvalidRequest(
+            f"This model's maximum context length is {window} tokens. However, you requested "
+            f"{prompt_tokens + requested} tokens ({prompt_tokens} in the messages, {requested} in the "
+            "completion). Please reduce the length of the messages or completion.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    if prompt_tokens >= window:
+        raise InvalidRequest(
+            f"This model's maximum context length is {window} tokens. However, your messages resulted in "
+            f"{prompt_tokens} tokens. Please reduce the length of the messages.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    return requested if requested is not None else window - prompt_tokens
+
+
+class ChatService:
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
+        model = self._registry.chat(request.model)
+        messages = [message.for_template() for message in request.messages]
+        prompt: ChatPrompt = await self._registry.tokenizer.render_chat.remote(model.name, messages)
+        max_tokens = completion_budget(prompt, request.requested_max_tokens)
+        generate = GenerateRequest(
+            request_id=uuid.uuid4().hex,
+            prompt_token_ids=prompt.token_ids,
+            sampling=request.to_sampling_params(max_tokens),
+        )
+        return PreparedChat(model, generate)
+
+    def _chunks(self, prepared: PreparedChat) -> AsyncIterator[GenerationChunk]:
+        return prepared.model.handle.generate.remote(prepared.generate)
+
+    async def complete(self, prepared: PreparedChat) -> ChatCompletionResponse:
+        text, last = [], None
+        async for chunk in self._chunks(prepared):
+            text.append(chunk.text)
+            last = chunk
+        assert last is not None and last.finish_reason is not None
+        return ChatCompletionResponse(
+            id=new_completion_id(),
+            created=now(),
+            model=prepared.model.name,
+            choices=[
+                ChatCompletionChoice(
+                    message=AssistantMessage(content="".join(text)), finish_reason=last.finish_reason
+                )
+            ],
+            usage=usage(prepared.prompt_tokens, last.completion_tokens),
+        )
+
+    async def stream(self, prepared: PreparedChat, include_usage: bool) -> AsyncIterator[str]:
+        """SSE events: a role chunk, content chunks, a finish chunk, an optional usage chunk, then [DONE].
+
+        A failure mid-stream is sent as an error event before [DONE], never as a silently cut connection.
+        """
+        frame = _ChunkFramer(prepared.model.name, include_usage)
+        yield frame.delta({"role": "assistant", "content": ""})
+        completion_tokens = 0
+        try:
+            async for chunk in self._chunks(prepared):
+                completion_tokens = chunk.completion_tokens
+                if chunk.text:
+                    yield frame.delta({"content": chunk.text})
+                if chunk.finish_reason is not None:
+                    yield frame.delta({}, chunk.finish_reason)
+            if include_usage:
+                yield frame.usage(usage(prepared.prompt_tokens, completion_tokens))
+        except APIError as exc:
+            yield data_event(_error_json(exc.message, exc.error_type, exc.code))
+        except Exception:
+            logger.exception("chat stream failed mid-way")
+            yield data_event(_error_json("The model failed while generating this reply.", "server_error", None))
+        yield DONE
+
+
+class _ChunkFramer:
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self._id = new_completion_id()
+        self._created = now()
+        self._model = model
+        self._include_usage = include_usage
+
+    def _event(self, choices: list[ChatCompletionChunkChoice], usage_info: UsageInfo | None = None) -> str:
+        chunk = ChatCompletionChunk(
+            id=self._id, created=self._created, model=self._model, choices=choices, usage=usage_info
+        )
+        return data_event(chunk.model_dump_json(exclude=None if self._include_usage else {"usage"}))
+
+    def delta(self, delta: dict[str, str], finish_reason: FinishReason | None = None) -> str:
+        return self._event([ChatCompletionChunkChoice(delta=delta, finish_reason=finish_reason)])
+
+    def usage(self, usage_info: UsageInfo) -> str:
+        return self._event([], usage_info)
+
+
+def _error_json(message: str, error_type: str, code: str | None) -> str:
+    return json.dumps(error_body(message, error_type, None, code))

@@ -1,0 +1,57 @@
+"""Embeddings: route to the model's deployment, answer in OpenAI's shape (float lists or base64 float32)."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import orjson
+from fastapi import Response
+
+from serve_app.errors import InvalidRequest
+from serve_app.protocol.engine import Embeddings
+from serve_app.protocol.openai import EmbeddingRequest
+from serve_app.registry import ModelRegistry
+
+
+class EmbeddingService:
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+        self._dimensions: dict[str, int] = {}
+
+    async def dimension(self, model: str) -> int:
+        if model not in self._dimensions:
+            self._dimensions[model] = await self._registry.embedding(model).handle.dimension.remote()
+        return self._dimensions[model]
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        model = self._registry.embedding(request.model)
+        if request.dimensions is not None and request.dimensions != await self.dimension(model.name):
+            raise InvalidRequest(
+                f"The model '{model.name}' makes {await self.dimension(model.name)}-d vectors and cannot "
+                f"return {request.dimensions}-d ones.",
+                param="dimensions",
+            )
+        return await model.handle.embed.remote(request.texts)
+
+    async def create(self, request: EmbeddingRequest) -> Response:
+        model = self._registry.embedding(request.model).name
+        result = await self.embed(request)
+        # Vectors go straight from numpy to JSON: building pydantic objects for thousands of floats is the
+        # slowest part of this route otherwise.
+        body = {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": _encode(vector, request.encoding_format)}
+                for i, vector in enumerate(result.vectors)
+            ],
+            "model": model,
+            "usage": {"prompt_tokens": sum(result.token_counts), "total_tokens": sum(result.token_counts)},
+        }
+        return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
+
+def _encode(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector
