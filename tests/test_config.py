@@ -1,0 +1,92 @@
+"""serve_config.yaml is a valid Serve config, and its args are a valid glm-serve config."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.builder import ConfigError, build_app, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def serve_config() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+
+
+def _args(serve_config: dict[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy(serve_config["applications"][0]["args"])
+
+
+def test_serve_config_validates_with_rays_schema(serve_config: dict[str, Any]) -> None:
+    schema = ServeDeploySchema.model_validate(serve_config)
+    app = schema.applications[0]
+    assert app.import_path == "serve_app.builder:build_app"
+    # The deployment numbers live in the args only, so nothing in `deployments:` can fight them.
+    assert not app.deployments
+
+
+def test_cluster_profile_pins_chat_replicas_to_a_gpu(serve_config: dict[str, Any]) -> None:
+    config = parse_config(_args(serve_config))
+    assert all(m.deployment.ray_actor_options.num_gpus == 1 for m in config.chat_models)
+    assert [m.name for m in config.embedding_models] == [
+        "text2vec-large-chinese",
+        "text2vec-base-chinese-paraphrase",
+    ]
+    deployments = [m.deployment for m in config.chat_models + config.embedding_models]
+    assert all(d.autoscaling_config is not None for d in deployments + [config.tokenizer, config.ingress])
+
+
+def test_builder_binds_one_deployment_per_model(serve_config: dict[str, Any]) -> None:
+    from ray.serve._private.build_app import build_app as build_serve_app
+
+    built = build_serve_app(build_app(_args(serve_config)), name="glm-serve")
+    names = sorted(d.name for d in built.deployments)
+    assert names == sorted(
+        [
+            "Chat-glm-4-9b-chat",
+            "Embedding-text2vec-large-chinese",
+            "Embedding-text2vec-base-chinese-paraphrase",
+            "Tokenizer",
+            "Ingress",
+        ]
+    )
+    chat = next(d for d in built.deployments if d.name == "Chat-glm-4-9b-chat")
+    assert chat.ray_actor_options["num_gpus"] == 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "named"),
+    [
+        (lambda a: a["chat_models"][0].update(pathh=a["chat_models"][0].pop("path")), "pathh"),
+        (lambda a: a["embedding_models"][0]["deployment"].update(max_ongoing_request=3), "max_ongoing_request"),
+        (lambda a: a.update(chat_model=a.pop("chat_models")), "chat_model"),
+        (lambda a: a["chat_models"][0]["deployment"]["ray_actor_options"].update(num_gpu=1), "num_gpu"),
+    ],
+    ids=["path", "deployment option", "top-level key", "actor option"],
+)
+def test_a_misspelled_key_fails_naming_it(serve_config: dict[str, Any], mutate: Any, named: str) -> None:
+    args = _args(serve_config)
+    mutate(args)
+    with pytest.raises(ConfigError, match=named):
+        build_app(args)
+
+
+def test_duplicate_model_names_are_rejected(serve_config: dict[str, Any]) -> None:
+    args = _args(serve_config)
+    args["embedding_models"][1]["name"] = args["embedding_models"][0]["name"]
+    with pytest.raises(ConfigError, match="repeated: text2vec-large-chinese"):
+        parse_config(args)
+
+
+def test_batches_must_fit_the_replica(serve_config: dict[str, Any]) -> None:
+    args = _args(serve_config)
+    args["embedding_models"][0]["deployment"]["max_ongoing_requests"] = 8
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        parse_config(args)

@@ -1,0 +1,46 @@
+"""/v1/models, vLLM-style /tokenize and /detokenize, and /health."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+
+
+def test_models_lists_every_served_model(client: openai.OpenAI) -> None:
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["tiny-glm", "all-MiniLM-L6-v2"]
+    card = client.models.retrieve("tiny-glm")
+    assert card.id == "tiny-glm" and card.object == "model" and card.created > 0
+
+
+def test_unknown_model_card_is_404(http: httpx.Client) -> None:
+    response = http.get("/v1/models/gpt-5")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_tokenize_detokenize_round_trip(http: httpx.Client) -> None:
+    text = "Hello, world! 你好，世界 😀"
+    tokens = http.post("/tokenize", json={"model": "tiny-glm", "prompt": text}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0
+    assert tokens["max_model_len"] == 2048
+    back = http.post("/detokenize", json={"model": "tiny-glm", "tokens": tokens["tokens"]}).json()
+    assert back["prompt"] == text
+
+
+def test_tokenize_messages_uses_the_chat_template(http: httpx.Client) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    tokens = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    rendered = http.post("/detokenize", json={"tokens": tokens}).json()["prompt"]
+    assert rendered == "[gMASK]<sop><|user|>\nhi<|assistant|>\n"
+
+
+def test_detokenize_rejects_ids_outside_the_vocabulary(http: httpx.Client) -> None:
+    response = http.post("/detokenize", json={"tokens": [1, 999_999]})
+    assert response.status_code == 400
+    assert "999999" in response.json()["error"]["message"]
+
+
+def test_health_is_ok_when_every_deployment_answers(http: httpx.Client) -> None:
+    response = http.get("/health")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
