@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from ray import serve
 
@@ -26,7 +26,7 @@ class ChatDeployment:
         model = AutoModelForCausalLM.from_pretrained(
             config.path, dtype=resolve_dtype(config.dtype, device), trust_remote_code=config.trust_remote_code
         )
-        model.to(device).eval()
+        model.to(device).eval()  # type: ignore[arg-type]
         self._device = torch.device(device)
         end_ids = end_token_ids(model.generation_config.eos_token_id, self._tokenizer)
         self._engine = SequentialEngine(model, self._tokenizer, end_ids)

@@ -22,9 +22,10 @@ class EmbeddingDeployment:
 
         self._model = SentenceTransformer(config.path, device=resolve_device(config.device))
         self._max_sentences = config.max_batch_size
-        self._embed_batch.set_max_batch_size(config.max_batch_size)
-        self._embed_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-        self.dimensions = int(self._model.get_embedding_dimension())
+        # The decorator's numbers are placeholders: the config's are set per replica here.
+        self._embed_batch.set_max_batch_size(config.max_batch_size)  # type: ignore[attr-defined]
+        self._embed_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self.dimensions = int(self._model.get_embedding_dimension() or 0)
         logger.info("embedding model %s loaded from %s (%d-d)", config.name, config.path, self.dimensions)
 
     async def embed(self, texts: list[str]) -> Embeddings:

@@ -36,8 +36,10 @@ class TokenizerDeployment:
             text = tokenizer.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, tokenize=False
             )
-        except Exception as exc:  # a template may reject a conversation (role order, missing fields)
-            raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
+        except Exception as exc:  # noqa: BLE001 - a template may reject a conversation (role order, missing fields)
+            raise InvalidRequest(
+                f"the chat template rejected these messages: {exc}", param="messages"
+            ) from None
         # The template already wrote the special prefix tokens.
         token_ids = tokenizer.encode(text, add_special_tokens=False)
         return ChatPrompt(token_ids=token_ids, max_model_len=self._windows[model])

@@ -12,7 +12,7 @@ from ray.serve import Application
 from deployments.chat import ChatDeployment
 from deployments.embedding import EmbeddingDeployment
 from deployments.tokenizer import TokenizerDeployment
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, ChatModelConfig, DeploymentOptions, EmbeddingModelConfig
 from serve_app.ingress import Ingress
 from serve_app.protocol.openai import ModelCard
 
@@ -40,25 +40,21 @@ def deployment_name(kind: str, model: str) -> str:
     return f"{kind}-{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}"
 
 
+def _bind(deployment: Any, name: str, options: DeploymentOptions, *args: Any) -> Application:
+    return deployment.options(name=name, **options.to_serve_options()).bind(*args)  # type: ignore[no-any-return]
+
+
 def bind_graph(config: AppConfig) -> Application:
     created = int(time.time())
     chat = {
-        m.name: ChatDeployment.options(
-            name=deployment_name("Chat", m.name), **m.deployment.to_serve_options()
-        ).bind(m)
+        m.name: _bind(ChatDeployment, deployment_name("Chat", m.name), m.deployment, m)
         for m in config.chat_models
     }
     embeddings = {
-        m.name: EmbeddingDeployment.options(
-            name=deployment_name("Embedding", m.name), **m.deployment.to_serve_options()
-        ).bind(m)
+        m.name: _bind(EmbeddingDeployment, deployment_name("Embedding", m.name), m.deployment, m)
         for m in config.embedding_models
     }
-    tokenizer = TokenizerDeployment.options(name="Tokenizer", **config.tokenizer.to_serve_options()).bind(
-        list(config.chat_models)
-    )
-    cards = [ModelCard(id=m.name, created=created, owned_by=m.owned_by) for m in config.chat_models]
-    cards += [ModelCard(id=m.name, created=created, owned_by=m.owned_by) for m in config.embedding_models]
-    return Ingress.options(name="Ingress", **config.ingress.to_serve_options()).bind(
-        chat, embeddings, tokenizer, cards
-    )
+    tokenizer = _bind(TokenizerDeployment, "Tokenizer", config.tokenizer, list(config.chat_models))
+    served: list[ChatModelConfig | EmbeddingModelConfig] = [*config.chat_models, *config.embedding_models]
+    cards = [ModelCard(id=m.name, created=created, owned_by=m.owned_by) for m in served]
+    return _bind(Ingress, "Ingress", config.ingress, chat, embeddings, tokenizer, cards)

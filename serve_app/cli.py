@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="serve the embedded tiny models on CPU")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8000)
-    demo.add_argument("--cache-dir", default=None, help="where the tiny GLM is built (default ~/.cache/glm-serve)")
+    demo.add_argument(
+        "--cache-dir", default=None, help="where the tiny GLM is built (default ~/.cache/glm-serve)"
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)

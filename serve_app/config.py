@@ -26,7 +26,7 @@ class AutoscalingOptions(_Strict):
     look_back_period_s: Annotated[float, Field(gt=0)] = 30.0
 
     @model_validator(mode="after")
-    def _ordered(self) -> "AutoscalingOptions":
+    def _ordered(self) -> AutoscalingOptions:
         if self.min_replicas > self.max_replicas:
             raise ValueError("autoscaling min_replicas must not exceed max_replicas")
         return self
@@ -54,7 +54,7 @@ class DeploymentOptions(_Strict):
     ray_actor_options: ActorOptions = ActorOptions()
 
     @model_validator(mode="after")
-    def _replicas_or_autoscaling(self) -> "DeploymentOptions":
+    def _replicas_or_autoscaling(self) -> DeploymentOptions:
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError("set either num_replicas or autoscaling_config, not both")
         return self
@@ -113,7 +113,7 @@ class EmbeddingModelConfig(_Strict):
     deployment: DeploymentOptions = DeploymentOptions(max_ongoing_requests=64)
 
     @model_validator(mode="after")
-    def _batch_fits(self) -> "EmbeddingModelConfig":
+    def _batch_fits(self) -> EmbeddingModelConfig:
         if self.deployment.max_ongoing_requests < self.max_batch_size:
             raise ValueError(
                 f"embedding model {self.name!r}: deployment.max_ongoing_requests "
@@ -130,7 +130,7 @@ class AppConfig(_Strict):
     ingress: DeploymentOptions = DeploymentOptions(max_ongoing_requests=512)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "AppConfig":
+    def _unique_names(self) -> AppConfig:
         names = [m.name for m in self.chat_models] + [m.name for m in self.embedding_models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

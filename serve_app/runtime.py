@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -22,7 +23,7 @@ def start_serve(host: str = "127.0.0.1", port: int = 8000, **ray_init: Any) -> N
 
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(include_dashboard=False, logging_level="WARNING", **ray_init)
+    ray.init(include_dashboard=False, logging_level=logging.WARNING, **ray_init)
     serve.start(http_options={"host": host, "port": port})
 
 

@@ -83,7 +83,9 @@ def default_cache_dir() -> Path:
     return Path(base)
 
 
-def ensure_tiny_glm(cache_dir: str | os.PathLike[str] | None = None, spec: TinyGlmSpec = TinyGlmSpec()) -> Path:
+def ensure_tiny_glm(
+    cache_dir: str | os.PathLike[str] | None = None, spec: TinyGlmSpec = TinyGlmSpec()
+) -> Path:
     """Return the folder of the tiny GLM described by `spec`, building it first if needed."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     folder = root / spec.folder_name
@@ -141,7 +143,8 @@ def _build(folder: Path, spec: TinyGlmSpec) -> None:
         model_max_length=spec.max_position_embeddings,
         clean_up_tokenization_spaces=False,
     )
-    end_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+    end_tokens = ("<|endoftext|>", "<|user|>", "<|observation|>")
+    end_ids: list[int] = [tokenizer.convert_tokens_to_ids(t) for t in end_tokens]  # type: ignore[misc]
 
     torch.manual_seed(spec.seed)
     config = GlmConfig(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import openai

@@ -65,7 +65,9 @@ def test_bad_embedding_request(http: httpx.Client, case: str, body: Any, status:
     _assert_envelope(http.post("/v1/embeddings", json=body), status)
 
 
-@pytest.mark.parametrize(("case", "path", "body", "status"), TOKENIZE_CASES, ids=[c[0] for c in TOKENIZE_CASES])
+@pytest.mark.parametrize(
+    ("case", "path", "body", "status"), TOKENIZE_CASES, ids=[c[0] for c in TOKENIZE_CASES]
+)
 def test_bad_tokenize_request(http: httpx.Client, case: str, path: str, body: Any, status: int) -> None:
     _assert_envelope(http.post(path, json=body), status)
 

@@ -65,7 +65,10 @@ def test_builder_binds_one_deployment_per_model(serve_config: dict[str, Any]) ->
     ("mutate", "named"),
     [
         (lambda a: a["chat_models"][0].update(pathh=a["chat_models"][0].pop("path")), "pathh"),
-        (lambda a: a["embedding_models"][0]["deployment"].update(max_ongoing_request=3), "max_ongoing_request"),
+        (
+            lambda a: a["embedding_models"][0]["deployment"].update(max_ongoing_request=3),
+            "max_ongoing_request",
+        ),
         (lambda a: a.update(chat_model=a.pop("chat_models")), "chat_model"),
         (lambda a: a["chat_models"][0]["deployment"]["ray_actor_options"].update(num_gpu=1), "num_gpu"),
     ],

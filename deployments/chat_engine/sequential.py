@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -61,7 +62,9 @@ class _StopWhen(StoppingCriteria):
         self._should_stop = should_stop
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self._should_stop(), dtype=torch.bool, device=input_ids.device)
+        return torch.full(
+            (input_ids.shape[0],), self._should_stop(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 class SequentialEngine:
@@ -79,7 +82,11 @@ class SequentialEngine:
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
-        job = _Job(request, emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+
+        def emit(item: GenerationChunk | BaseException) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        job = _Job(request, emit)
         self._active += 1
         loop.run_in_executor(self._executor, self._run, job)
         try:
@@ -102,7 +109,7 @@ class SequentialEngine:
             return
         try:
             job.emit(self._generate(job))
-        except BaseException as exc:  # reported to the waiting request, never lost in the executor
+        except BaseException as exc:  # noqa: BLE001 - reported to the waiting request, never lost in the executor
             job.emit(exc)
 
     def _generate(self, job: _Job) -> GenerationChunk:
@@ -115,7 +122,11 @@ class SequentialEngine:
         input_ids = torch.tensor([request.prompt_token_ids], device=device)
         kwargs: dict[str, Any] = {}
         if not sampling.greedy:
-            kwargs = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or None}
+            kwargs = {
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "top_k": sampling.top_k or None,
+            }
         with torch.inference_mode():
             self._model.generate(
                 input_ids=input_ids,
@@ -138,7 +149,9 @@ class SequentialEngine:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _merge(first: GenerationChunk, second: GenerationChunk | BaseException) -> GenerationChunk | BaseException:
+def _merge(
+    first: GenerationChunk, second: GenerationChunk | BaseException
+) -> GenerationChunk | BaseException:
     if isinstance(second, BaseException):
         return second
     return GenerationChunk(first.text + second.text, second.completion_tokens, second.finish_reason)

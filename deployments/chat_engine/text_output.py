@@ -9,7 +9,8 @@ the increments it returns, concatenated, are exactly the final text.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 _REPLACEMENT = "\ufffd"
 # Prompt tokens decoded before the first generated one, so tokenizers that drop a leading space when a

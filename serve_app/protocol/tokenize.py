@@ -19,7 +19,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
     @model_validator(mode="after")
-    def _prompt_or_messages(self) -> "TokenizeRequest":
+    def _prompt_or_messages(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         return self

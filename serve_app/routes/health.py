@@ -19,7 +19,7 @@ _PING_TIMEOUT_S = 5.0
 async def _answers(handle: object) -> bool:
     try:
         return bool(await asyncio.wait_for(handle.ping.remote(), _PING_TIMEOUT_S))  # type: ignore[attr-defined]
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to answer means not healthy
         return False
 
 

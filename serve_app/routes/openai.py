@@ -45,5 +45,7 @@ async def list_models(registry: Annotated[ModelRegistry, Depends(deps.registry)]
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard)
-async def retrieve_model(model_id: str, registry: Annotated[ModelRegistry, Depends(deps.registry)]) -> ModelCard:
+async def retrieve_model(
+    model_id: str, registry: Annotated[ModelRegistry, Depends(deps.registry)]
+) -> ModelCard:
     return registry.card(model_id)

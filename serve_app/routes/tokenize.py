@@ -31,7 +31,9 @@ async def tokenize(
         )
     else:
         prompt = await registry.tokenizer.encode.remote(model, request.prompt, request.add_special_tokens)
-    return TokenizeResponse(tokens=prompt.token_ids, count=len(prompt.token_ids), max_model_len=prompt.max_model_len)
+    return TokenizeResponse(
+        tokens=prompt.token_ids, count=len(prompt.token_ids), max_model_len=prompt.max_model_len
+    )
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)

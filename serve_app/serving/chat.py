@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import cast
 
 from serve_app.errors import APIError, InvalidRequest, error_body
 from serve_app.protocol.engine import ChatPrompt, FinishReason, GenerateRequest, GenerationChunk
@@ -78,7 +79,7 @@ class ChatService:
         return PreparedChat(model, generate)
 
     def _chunks(self, prepared: PreparedChat) -> AsyncIterator[GenerationChunk]:
-        return prepared.model.handle.generate.remote(prepared.generate)
+        return cast(AsyncIterator[GenerationChunk], prepared.model.handle.generate.remote(prepared.generate))
 
     async def complete(self, prepared: PreparedChat) -> ChatCompletionResponse:
         text, last = [], None
@@ -119,7 +120,9 @@ class ChatService:
             yield data_event(_error_json(exc.message, exc.error_type, exc.code))
         except Exception:
             logger.exception("chat stream failed mid-way")
-            yield data_event(_error_json("The model failed while generating this reply.", "server_error", None))
+            yield data_event(
+                _error_json("The model failed while generating this reply.", "server_error", None)
+            )
         yield DONE
 
 
