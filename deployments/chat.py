@@ -21,7 +21,7 @@ class ChatDeployment:
         import torch
         from transformers import AutoModelForCausalLM
 
-        device = resolve_device(config.device)
+        device = resolve_device(config.device, config.cpu_threads)
         self._tokenizer = load_tokenizer(config)
         model = AutoModelForCausalLM.from_pretrained(
             config.path, dtype=resolve_dtype(config.dtype, device), trust_remote_code=config.trust_remote_code

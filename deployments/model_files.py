@@ -13,9 +13,12 @@ from serve_app.config import ChatModelConfig, Device, DType
 _GLM_TURN_END_TOKENS = ("<|user|>", "<|observation|>")
 
 
-def resolve_device(device: Device) -> str:
+def resolve_device(device: Device, cpu_threads: int | None = None) -> str:
+    """The torch device a replica loads its model on; also applies the configured CPU thread count."""
     import torch
 
+    if cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was configured but this replica sees no CUDA device")
     if device == "auto":

@@ -88,6 +88,9 @@ class DeploymentOptions(_Strict):
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+# Threads torch may use on CPU. Ray gives a replica with a fraction of a CPU a single OpenMP thread, so a model
+# replica on a small machine would leave cores idle; None keeps Ray's choice.
+CpuThreads = Annotated[int | None, Field(ge=1)]
 
 
 class ChatModelConfig(_Strict):
@@ -97,6 +100,7 @@ class ChatModelConfig(_Strict):
     device: Device = "auto"  # auto: CUDA when the replica was given a GPU, else CPU
     dtype: DType = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     max_model_len: Annotated[int | None, Field(ge=16)] = None  # default: the model's own window
+    cpu_threads: CpuThreads = None
     owned_by: str = "glm-serve"
     deployment: DeploymentOptions = DeploymentOptions(
         max_ongoing_requests=8, ray_actor_options=ActorOptions(num_gpus=1)
@@ -107,8 +111,11 @@ class EmbeddingModelConfig(_Strict):
     name: Annotated[str, Field(min_length=1)]
     path: Annotated[str, Field(min_length=1)]
     device: Device = "auto"
+    cpu_threads: CpuThreads = None
     max_batch_size: Annotated[int, Field(ge=1)] = 32  # requests merged into one forward pass
-    batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.005
+    # 0: a batch starts at once. Under load batches still fill, from the requests that arrive while the previous
+    # batch computes; waiting would only add latency to every request.
+    batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.0
     owned_by: str = "glm-serve"
     deployment: DeploymentOptions = DeploymentOptions(max_ongoing_requests=64)
 

@@ -40,6 +40,7 @@ def cpu_demo_args(cache_dir: str | None = None) -> dict[str, Any]:
                 "name": CHAT_MODEL,
                 "path": str(ensure_tiny_glm(cache_dir)),
                 "device": "cpu",
+                "cpu_threads": os.cpu_count(),
                 "deployment": _cpu(0.5, 32),
             }
         ],
@@ -48,6 +49,7 @@ def cpu_demo_args(cache_dir: str | None = None) -> dict[str, Any]:
                 "name": EMBEDDING_MODEL,
                 "path": minilm_path(),
                 "device": "cpu",
+                "cpu_threads": os.cpu_count(),
                 "deployment": _cpu(0.5, 64),
             }
         ],

@@ -9,13 +9,14 @@ from serve_app.serving.chat import ChatService
 from serve_app.serving.embeddings import EmbeddingService
 
 
-def registry(request: Request) -> ModelRegistry:
+# async on purpose: FastAPI runs plain `def` dependencies on its thread pool, a hop per request we do not need.
+async def registry(request: Request) -> ModelRegistry:
     return request.app.state.registry  # type: ignore[no-any-return]
 
 
-def chat_service(request: Request) -> ChatService:
+async def chat_service(request: Request) -> ChatService:
     return request.app.state.chat  # type: ignore[no-any-return]
 
 
-def embedding_service(request: Request) -> EmbeddingService:
+async def embedding_service(request: Request) -> EmbeddingService:
     return request.app.state.embeddings  # type: ignore[no-any-return]
