@@ -7,8 +7,15 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
+from deployments.chat_engine.continuous import ContinuousBatchingEngine
 from deployments.chat_engine.sequential import SequentialEngine
-from deployments.model_files import end_token_ids, load_tokenizer, resolve_device, resolve_dtype
+from deployments.model_files import (
+    context_window,
+    end_token_ids,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from serve_app.config import ChatModelConfig
 from serve_app.protocol.engine import GenerateRequest, GenerationChunk
 
@@ -29,7 +36,14 @@ class ChatDeployment:
         model.to(device).eval()  # type: ignore[arg-type]
         self._device = torch.device(device)
         end_ids = end_token_ids(model.generation_config.eos_token_id, self._tokenizer)
-        self._engine = SequentialEngine(model, self._tokenizer, end_ids)
+        self._engine: ContinuousBatchingEngine | SequentialEngine
+        if config.engine == "continuous":
+            window = context_window(config)
+            self._engine = ContinuousBatchingEngine(
+                model, self._tokenizer, end_ids, config.max_num_seqs, window
+            )
+        else:
+            self._engine = SequentialEngine(model, self._tokenizer, end_ids)
         logger.info("chat model %s loaded from %s on %s", config.name, config.path, device)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:

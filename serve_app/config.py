@@ -101,10 +101,25 @@ class ChatModelConfig(_Strict):
     dtype: DType = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     max_model_len: Annotated[int | None, Field(ge=16)] = None  # default: the model's own window
     cpu_threads: CpuThreads = None
+    # continuous: many conversations share each forward pass (transformers' native models, e.g. GLM-4);
+    # sequential: one at a time through model.generate (for remote-code checkpoints such as ChatGLM3).
+    engine: Literal["continuous", "sequential"] = "continuous"
+    # Sequences decoded together; the KV cache holds max_num_seqs x max_model_len tokens, allocated at start.
+    max_num_seqs: Annotated[int, Field(ge=1)] = 16
     owned_by: str = "glm-serve"
     deployment: DeploymentOptions = DeploymentOptions(
-        max_ongoing_requests=8, ray_actor_options=ActorOptions(num_gpus=1)
+        max_ongoing_requests=32, ray_actor_options=ActorOptions(num_gpus=1)
     )
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> ChatModelConfig:
+        if self.engine == "continuous" and self.deployment.max_ongoing_requests < self.max_num_seqs:
+            raise ValueError(
+                f"chat model {self.name!r}: deployment.max_ongoing_requests "
+                f"({self.deployment.max_ongoing_requests}) must be >= max_num_seqs ({self.max_num_seqs}), "
+                "or the batch can never fill"
+            )
+        return self
 
 
 class EmbeddingModelConfig(_Strict):

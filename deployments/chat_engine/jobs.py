@@ -1,0 +1,64 @@
+"""What every engine shares: a request's job, and the async side that relays its increments to the caller.
+
+Engines run the model on a worker thread and call `job.emit` from there; `JobStream` turns those emissions into
+an async iterator on the replica's event loop. When the consumer goes away (a client disconnect cancels the
+iterator), the job is marked cancelled and the engine drops it at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from serve_app.protocol.engine import GenerateRequest, GenerationChunk
+
+Emitted = GenerationChunk | BaseException
+
+
+@dataclass
+class Job:
+    request: GenerateRequest
+    emit: Callable[[Emitted], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class JobCounter:
+    def __init__(self) -> None:
+        self.active = 0
+
+
+async def relay(
+    submit: Callable[[Job], None], request: GenerateRequest, counter: JobCounter
+) -> AsyncIterator[GenerationChunk]:
+    """Submit a job and yield its chunks until the finishing one; a raised error is re-raised here."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Emitted] = asyncio.Queue()
+
+    def emit(item: Emitted) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    job = Job(request, emit)
+    counter.active += 1
+    try:
+        submit(job)
+        while True:
+            item = await queue.get()
+            # Merge what piled up while we were away: fewer, larger messages through Ray.
+            while not queue.empty() and isinstance(item, GenerationChunk) and item.finish_reason is None:
+                item = _merge(item, queue.get_nowait())
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+    finally:
+        job.cancelled.set()
+        counter.active -= 1
+
+
+def _merge(first: GenerationChunk, second: Emitted) -> Emitted:
+    if isinstance(second, BaseException):
+        return second
+    return GenerationChunk(first.text + second.text, second.completion_tokens, second.finish_reason)

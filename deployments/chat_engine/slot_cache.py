@@ -1,0 +1,99 @@
+"""A KV cache of fixed slots, one per running sequence, for a batch whose sequences have different lengths.
+
+It stands in for transformers' `Cache` through the one method decoder layers call, `update(keys, values, layer)`:
+a prefill writes one sequence's prompt into its slot; a decode step writes one new position per running sequence,
+each at its own length. Running sequences always occupy slots 0..n-1, so the keys a step attends over are a view,
+not a copy; a sequence that leaves is replaced by the last one (one slot copied). Memory is fixed at start:
+slots x capacity x layers x 2 x kv_heads x head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        capacity: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_slots, kv_heads, capacity, head_dim)
+        self._keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.capacity = capacity
+        self.num_slots = num_slots
+        self.lengths: list[int] = []  # tokens cached per running sequence, by slot
+        self._device = device
+        # What the next forward pass writes: one slot's prompt, or one position in each running slot.
+        self._prefill_slot: int | None = None
+        self._positions: torch.Tensor | None = None
+        self._span = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._keys + self._values)
+
+    def add_sequence(self) -> int:
+        if len(self.lengths) >= self.num_slots:
+            raise RuntimeError("no free KV slot")
+        self.lengths.append(0)
+        return len(self.lengths) - 1
+
+    def remove_sequence(self, slot: int) -> None:
+        """Free `slot`; the last running sequence moves into it, so callers must move their row the same way."""
+        last = len(self.lengths) - 1
+        if slot != last:
+            length = self.lengths[last]
+            for cache in (self._keys, self._values):
+                for layer in cache:
+                    layer[slot, :, :length] = layer[last, :, :length]
+            self.lengths[slot] = length
+        self.lengths.pop()
+
+    def prepare_prefill(self, slot: int, prompt_length: int) -> None:
+        self._prefill_slot, self._positions, self._span = slot, None, prompt_length
+
+    def prepare_decode(self) -> torch.Tensor:
+        """Set up one decode step for every running sequence; returns their positions (also their RoPE ids)."""
+        self._prefill_slot = None
+        self._positions = torch.tensor(self.lengths, device=self._device)
+        self._span = max(self.lengths) + 1
+        return self._positions
+
+    def decode_mask(self) -> torch.Tensor:
+        """[rows, 1, 1, span] booleans: each row sees its own cached tokens and the one being written."""
+        assert self._positions is not None
+        columns = torch.arange(self._span, device=self._device)
+        return (columns[None, :] <= self._positions[:, None])[:, None, None, :]
+
+    def finish_step(self) -> None:
+        if self._prefill_slot is not None:
+            self.lengths[self._prefill_slot] = self._span
+        else:
+            self.lengths = [length + 1 for length in self.lengths]
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: object,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self._keys[layer_idx], self._values[layer_idx]
+        if self._prefill_slot is not None:
+            slot, span = self._prefill_slot, self._span
+            keys[slot, :, :span] = key_states[0]
+            values[slot, :, :span] = value_states[0]
+            return keys[slot : slot + 1, :, :span], values[slot : slot + 1, :, :span]
+        assert self._positions is not None
+        rows = torch.arange(len(self.lengths), device=self._device)
+        keys[rows, :, self._positions] = key_states[:, :, 0]
+        values[rows, :, self._positions] = value_states[:, :, 0]
+        return keys[: len(rows), :, : self._span], values[: len(rows), :, : self._span]
