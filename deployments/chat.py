@@ -51,8 +51,9 @@ class ChatDeployment:
         async for chunk in self._engine.stream(request):
             yield chunk
 
-    def active_sequences(self) -> int:
-        return self._engine.active_sequences
+    def status(self) -> dict[str, int]:
+        """Answered for /health: the sequences this replica is generating or about to."""
+        return {"active_sequences": self._engine.active_sequences}
 
     def clear_cache(self) -> bool:
         """Release cached accelerator memory (the web demo's /clear); a no-op on CPU."""
@@ -60,9 +61,6 @@ class ChatDeployment:
 
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
-        return True
-
-    def ping(self) -> bool:
         return True
 
     def __del__(self) -> None:

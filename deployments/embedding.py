@@ -59,5 +59,5 @@ class EmbeddingDeployment:
     def dimension(self) -> int:
         return self.dimensions
 
-    def ping(self) -> bool:
-        return True
+    def status(self) -> dict[str, int]:
+        return {"dimensions": self.dimensions}

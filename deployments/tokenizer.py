@@ -59,5 +59,5 @@ class TokenizerDeployment:
             )
         return tokenizer.decode(token_ids)
 
-    def ping(self) -> bool:
-        return True
+    def status(self) -> dict[str, int]:
+        return {"chat_models": len(self._tokenizers)}

@@ -57,3 +57,11 @@ def http(base_url: str) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def client(base_url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "disruptive: breaks part of the shared app on purpose; runs last")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)

@@ -43,4 +43,8 @@ def test_detokenize_rejects_ids_outside_the_vocabulary(http: httpx.Client) -> No
 
 def test_health_is_ok_when_every_deployment_answers(http: httpx.Client) -> None:
     response = http.get("/health")
-    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "ok"
+    assert set(body["deployments"]) == {"chat:tiny-glm", "embedding:all-MiniLM-L6-v2", "tokenizer"}
+    assert body["deployments"]["embedding:all-MiniLM-L6-v2"] == {"dimensions": 384}
+    assert body["deployments"]["chat:tiny-glm"]["active_sequences"] >= 0

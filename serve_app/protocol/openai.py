@@ -60,12 +60,19 @@ class ChatCompletionRequest(_Request):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    n: Annotated[int, Field(ge=1, le=1)] = 1
+    n: Annotated[int, Field(ge=1)] = 1
     seed: int | None = None
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value > 1:
+            raise ValueError("n > 1 is not supported: send n separate requests (they share a batch)")
+        return value
 
     @field_validator("stop")
     @classmethod

@@ -3,31 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
+from ray.serve.handle import DeploymentHandle
 
 from serve_app.registry import ModelRegistry
 from serve_app.routes import deps
 
 router = APIRouter(tags=["health"])
 
-_PING_TIMEOUT_S = 5.0
+_TIMEOUT_S = 5.0
 
 
-async def _answers(handle: object) -> bool:
+async def _status(handle: DeploymentHandle) -> dict[str, Any] | None:
     try:
-        return bool(await asyncio.wait_for(handle.ping.remote(), _PING_TIMEOUT_S))  # type: ignore[attr-defined]
+        return dict(await asyncio.wait_for(handle.status.remote(), _TIMEOUT_S))
     except Exception:  # noqa: BLE001 - any failure to answer means not healthy
-        return False
+        return None
 
 
 @router.get("/health")
 async def health(registry: Annotated[ModelRegistry, Depends(deps.registry)]) -> JSONResponse:
+    """Every deployment's own figures (a chat replica's active sequences, for one); 503 if any is silent."""
     deployments = registry.deployments()
-    answers = await asyncio.gather(*(_answers(handle) for handle in deployments.values()))
-    failing = [name for name, ok in zip(deployments, answers) if not ok]
+    answers = dict(zip(deployments, await asyncio.gather(*(_status(h) for h in deployments.values()))))
+    failing = [name for name, answer in answers.items() if answer is None]
     if failing:
         return JSONResponse({"status": "unavailable", "failing": failing}, status_code=503)
-    return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "ok", "deployments": answers})
