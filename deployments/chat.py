@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from deployments.chat_engine.continuous import ContinuousBatchingEngine
+from deployments.chat_engine.jobs import Engine
 from deployments.chat_engine.sequential import SequentialEngine
 from deployments.model_files import (
     context_window,
@@ -36,7 +37,7 @@ class ChatDeployment:
         model.to(device).eval()  # type: ignore[arg-type]
         self._device = torch.device(device)
         end_ids = end_token_ids(model.generation_config.eos_token_id, self._tokenizer)
-        self._engine: ContinuousBatchingEngine | SequentialEngine
+        self._engine: Engine
         if config.engine == "continuous":
             window = context_window(config)
             self._engine = ContinuousBatchingEngine(

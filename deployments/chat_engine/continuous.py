@@ -14,17 +14,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
 
-from deployments.chat_engine.jobs import Job, JobCounter, relay
+from deployments.chat_engine.jobs import Engine, Job
 from deployments.chat_engine.sampling import RowSampler, choose_tokens
 from deployments.chat_engine.slot_cache import SlotKVCache
 from deployments.chat_engine.text_output import TextOutput
 from serve_app.errors import InvalidRequest
-from serve_app.protocol.engine import FinishReason, GenerateRequest, GenerationChunk
+from serve_app.protocol.engine import FinishReason, GenerationChunk
 
 logger = logging.getLogger("ray.serve")
 
@@ -61,10 +60,11 @@ class _Sequence:
         self.job.emit(GenerationChunk(self.output.finish(), self.completion_tokens, reason))
 
 
-class ContinuousBatchingEngine:
+class ContinuousBatchingEngine(Engine):
     def __init__(
         self, model: Any, tokenizer: Any, end_token_ids: list[int], max_num_seqs: int, max_model_len: int
     ) -> None:
+        super().__init__()
         self._model = model
         self._tokenizer = tokenizer
         self._end_ids = frozenset(end_token_ids)
@@ -86,7 +86,6 @@ class ContinuousBatchingEngine:
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._closed = False
-        self._jobs = JobCounter()
         self._thread = threading.Thread(target=self._loop, name="continuous-batching", daemon=True)
         self._thread.start()
         logger.info(
@@ -95,14 +94,6 @@ class ContinuousBatchingEngine:
             max_model_len,
             self._cache.nbytes / 2**20,
         )
-
-    @property
-    def active_sequences(self) -> int:
-        """Requests admitted or waiting; drops as soon as a stream ends or its client leaves."""
-        return self._jobs.active
-
-    def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
-        return relay(self._submit, request, self._jobs)
 
     def _submit(self, job: Job) -> None:
         request = job.request

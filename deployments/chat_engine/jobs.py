@@ -29,6 +29,27 @@ class JobCounter:
         self.active = 0
 
 
+class Engine:
+    """What the chat deployment sees of an engine; subclasses only say how a job reaches their worker."""
+
+    def __init__(self) -> None:
+        self._jobs = JobCounter()
+
+    @property
+    def active_sequences(self) -> int:
+        """Requests running or waiting; drops as soon as a stream ends or its client leaves."""
+        return self._jobs.active
+
+    def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        return relay(self._submit, request, self._jobs)
+
+    def _submit(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
 async def relay(
     submit: Callable[[Job], None], request: GenerateRequest, counter: JobCounter
 ) -> AsyncIterator[GenerationChunk]:

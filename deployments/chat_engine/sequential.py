@@ -6,7 +6,7 @@ remote code, which keeps its own cache format): correct and simple, one conversa
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,9 +14,9 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from deployments.chat_engine.jobs import Job, JobCounter, relay
+from deployments.chat_engine.jobs import Engine, Job
 from deployments.chat_engine.text_output import TextOutput
-from serve_app.protocol.engine import FinishReason, GenerateRequest, GenerationChunk
+from serve_app.protocol.engine import FinishReason, GenerationChunk
 
 
 class _JobStreamer(BaseStreamer):
@@ -57,20 +57,13 @@ class _StopWhen(StoppingCriteria):
         )
 
 
-class SequentialEngine:
+class SequentialEngine(Engine):
     def __init__(self, model: Any, tokenizer: Any, end_token_ids: list[int]) -> None:
+        super().__init__()
         self._model = model
         self._tokenizer = tokenizer
         self._end_ids = frozenset(end_token_ids)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        self._jobs = JobCounter()
-
-    @property
-    def active_sequences(self) -> int:
-        return self._jobs.active
-
-    def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
-        return relay(self._submit, request, self._jobs)
 
     def _submit(self, job: Job) -> None:
         self._executor.submit(self._run, job)
