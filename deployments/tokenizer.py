@@ -48,6 +48,12 @@ class TokenizerDeployment:
         token_ids = self._tokenizer(model).encode(text, add_special_tokens=add_special_tokens)
         return ChatPrompt(token_ids=token_ids, max_model_len=self._windows[model])
 
+    def pieces(self, model: str, text: str) -> tuple[list[int], list[str]]:
+        """GLM-API's view: the ids with the special prefix tokens, and the text's own tokens as strings."""
+        tokenizer = self._tokenizer(model)
+        own = tokenizer.encode(text, add_special_tokens=False)
+        return tokenizer.encode(text, add_special_tokens=True), tokenizer.convert_ids_to_tokens(own)
+
     def decode(self, model: str, token_ids: list[int]) -> str:
         tokenizer = self._tokenizer(model)
         vocab_size = len(tokenizer)

@@ -7,11 +7,14 @@ client error found deep in a replica still reaches the client as its 4xx.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("glm_serve")
@@ -97,3 +100,21 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected_error)
+
+
+class SeedRoute(APIRoute):
+    """Routes kept from the seed servers answer errors as those did: FastAPI's `{"detail": ...}` body, with 422
+    for a malformed body, instead of the OpenAI envelope the /v1 routes use."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[None, None, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer_like_the_seeds(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+            except APIError as exc:
+                return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+
+        return answer_like_the_seeds

@@ -37,6 +37,13 @@ class ModelRegistry:
     def embedding(self, model: str | None) -> ModelHandle:
         return _lookup(self._embeddings, model, "embedding")
 
+    def cards_with_kinds(self) -> list[tuple[ModelCard, str]]:
+        """Every card with what serves it: "chat" or "embedding"."""
+        return [(card, "chat" if card.id in self._chat else "embedding") for card in self.cards]
+
+    def chat_handles(self) -> list[DeploymentHandle]:
+        return list(self._chat_unary.values())
+
     def card(self, model: str) -> ModelCard:
         for card in self.cards:
             if card.id == model:

@@ -68,12 +68,13 @@ class TinyGlmSpec:
     @property
     def folder_name(self) -> str:
         return (
-            f"tiny-glm-h{self.hidden_size}-l{self.num_hidden_layers}"
+            f"tiny-glm{_FORMAT}-h{self.hidden_size}-l{self.num_hidden_layers}"
             f"-v{self.vocab_size}-c{self.max_position_embeddings}-s{self.seed}"
         )
 
 
 _MARKER = "tiny-glm.json"
+_FORMAT = "2"  # bumped whenever what _build writes changes, so stale cached folders are not reused
 
 
 def default_cache_dir() -> Path:
@@ -126,7 +127,16 @@ def _build(folder: Path, spec: TinyGlmSpec) -> None:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    # GLM-4's tokenizer starts every encoding with "[gMASK]<sop>"; the chat template writes them itself.
+    bpe.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="[gMASK] <sop> $A",
+                special_tokens=[(t, SPECIAL_TOKENS.index(t)) for t in ("[gMASK]", "<sop>")],
+            ),
+        ]
+    )
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab_size,
         special_tokens=SPECIAL_TOKENS,

@@ -1,12 +1,19 @@
-"""vLLM-style /tokenize and /detokenize for the chat models' tokenizers."""
+"""POST /tokenize in two dialects, told apart by the body, and vLLM-style POST /detokenize.
+
+vLLM's body is `{model, prompt | messages, add_special_tokens}` → `{tokens, count, max_model_len}`; GLM-API's
+(seed 000) is `{prompt, max_tokens}` → `{tokenIds, tokens, model, object}`. A body with `max_tokens` and no
+`messages` is GLM-API's; every other body is vLLM's.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Body, Depends
+from pydantic import Discriminator, Tag
 
 from serve_app.protocol.engine import ChatPrompt
+from serve_app.protocol.glm_api import GlmTokenizeRequest, GlmTokenizeResponse
 from serve_app.protocol.tokenize import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -19,11 +26,24 @@ from serve_app.routes import deps
 router = APIRouter(tags=["tokenizer"])
 
 
-@router.post("/tokenize", response_model=TokenizeResponse)
+def _dialect(body: Any) -> str:
+    return "glm_api" if isinstance(body, dict) and "max_tokens" in body and "messages" not in body else "vllm"
+
+
+TokenizeBody = Annotated[
+    Annotated[TokenizeRequest, Tag("vllm")] | Annotated[GlmTokenizeRequest, Tag("glm_api")],
+    Discriminator(_dialect),
+]
+
+
+@router.post("/tokenize", response_model=TokenizeResponse | GlmTokenizeResponse)
 async def tokenize(
-    request: TokenizeRequest, registry: Annotated[ModelRegistry, Depends(deps.registry)]
-) -> TokenizeResponse:
+    request: Annotated[TokenizeBody, Body()], registry: Annotated[ModelRegistry, Depends(deps.registry)]
+) -> TokenizeResponse | GlmTokenizeResponse:
     model = registry.chat(request.model).name
+    if isinstance(request, GlmTokenizeRequest):
+        ids, pieces = await registry.tokenizer.pieces.remote(model, request.prompt)
+        return GlmTokenizeResponse(tokenIds=ids[: request.max_tokens], tokens=pieces, model=model)
     if request.messages is not None:
         messages = [m.for_template() for m in request.messages]
         prompt: ChatPrompt = await registry.tokenizer.render_chat.remote(

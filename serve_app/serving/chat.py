@@ -41,9 +41,15 @@ class PreparedChat:
         return len(self.generate.prompt_token_ids)
 
 
-def completion_budget(prompt: ChatPrompt, requested: int | None) -> int:
-    """The max_tokens to generate with: what was asked if it fits the window, else the room that is left."""
+def completion_budget(prompt: ChatPrompt, requested: int | None, fit_to_window: bool = False) -> int:
+    """The max_tokens to generate with: what was asked if it fits the window, else the room that is left.
+
+    `fit_to_window` caps a request that asks for more than the room left instead of refusing it (the seed
+    interfaces default to 4096 whatever the model's window).
+    """
     prompt_tokens, window = len(prompt.token_ids), prompt.max_model_len
+    if fit_to_window and requested is not None:
+        requested = min(requested, max(window - prompt_tokens, 1))
     if requested is not None and prompt_tokens + requested > window:
         raise InvalidRequest(
             f"This model's maximum context length is {window} tokens. However, you requested "
@@ -66,11 +72,11 @@ class ChatService:
     def __init__(self, registry: ModelRegistry) -> None:
         self._registry = registry
 
-    async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
+    async def prepare(self, request: ChatCompletionRequest, fit_to_window: bool = False) -> PreparedChat:
         model = self._registry.chat(request.model)
         messages = [message.for_template() for message in request.messages]
         prompt: ChatPrompt = await self._registry.tokenizer.render_chat.remote(model.name, messages)
-        max_tokens = completion_budget(prompt, request.requested_max_tokens)
+        max_tokens = completion_budget(prompt, request.requested_max_tokens, fit_to_window)
         generate = GenerateRequest(
             request_id=uuid.uuid4().hex,
             prompt_token_ids=prompt.token_ids,
@@ -78,12 +84,13 @@ class ChatService:
         )
         return PreparedChat(model, generate)
 
-    def _chunks(self, prepared: PreparedChat) -> AsyncIterator[GenerationChunk]:
+    def chunks(self, prepared: PreparedChat) -> AsyncIterator[GenerationChunk]:
+        """The engine's increments; the last one carries the finish reason."""
         return cast(AsyncIterator[GenerationChunk], prepared.model.handle.generate.remote(prepared.generate))
 
     async def complete(self, prepared: PreparedChat) -> ChatCompletionResponse:
         text, last = [], None
-        async for chunk in self._chunks(prepared):
+        async for chunk in self.chunks(prepared):
             text.append(chunk.text)
             last = chunk
         assert last is not None and last.finish_reason is not None
@@ -108,7 +115,7 @@ class ChatService:
         yield frame.delta({"role": "assistant", "content": ""})
         completion_tokens = 0
         try:
-            async for chunk in self._chunks(prepared):
+            async for chunk in self.chunks(prepared):
                 completion_tokens = chunk.completion_tokens
                 if chunk.text:
                     yield frame.delta({"content": chunk.text})

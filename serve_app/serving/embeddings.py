@@ -19,6 +19,9 @@ class EmbeddingService:
         self._registry = registry
         self._dimensions: dict[str, int] = {}
 
+    def default_model(self) -> str:
+        return self._registry.embedding(None).name
+
     async def dimension(self, model: str) -> int:
         if model not in self._dimensions:
             self._dimensions[model] = await self._registry.embedding(model).handle.dimension.remote()

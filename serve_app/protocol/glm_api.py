@@ -1,0 +1,86 @@
+"""GLM-API's bodies (seed 000): POST /chat, /embedding, /tokenize and GET /models, as ../shared/COMPAT.md gives them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_app.protocol.openai import ChatCompletionRequest, ChatMessage
+
+GLM_DEFAULT_MAX_TOKENS = 4096
+
+
+class GlmMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "observation"]
+    content: str
+    metadata: str | None = None
+    tools: list[dict[str, Any]] | None = None  # accepted as GLM-API did; the chat template decides their use
+
+
+class GlmChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # GLM-API ignored fields it did not know
+
+    messages: Annotated[list[GlmMessage], Field(min_length=1)]
+    model: str | None = None
+    stream: bool = False
+    chunk: bool = True  # streamed deltas carry only the new text (true) or the whole text so far (false)
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    max_tokens: Annotated[int | None, Field(ge=0)] = GLM_DEFAULT_MAX_TOKENS  # null or 0: the default
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.1
+
+    def to_openai(self) -> ChatCompletionRequest:
+        return ChatCompletionRequest(
+            model=self.model,
+            messages=[
+                ChatMessage(role=m.role, content=m.content, metadata=m.metadata) for m in self.messages
+            ],
+            max_tokens=self.max_tokens or GLM_DEFAULT_MAX_TOKENS,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+        )
+
+
+class GlmEmbeddingRequest(BaseModel):
+    model: str | None = None
+    prompt: Annotated[list[str], Field(min_length=1)]
+
+
+class GlmEmbeddingResponse(BaseModel):
+    data: list[list[float]]
+    model: str
+    object: Literal["embedding"] = "embedding"
+
+
+class GlmTokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    max_tokens: Annotated[int, Field(ge=0)] = GLM_DEFAULT_MAX_TOKENS
+    model: str | None = None
+
+
+class GlmTokenizeResponse(BaseModel):
+    tokenIds: list[int]
+    tokens: list[str]
+    model: str
+    object: Literal["tokenizer"] = "tokenizer"
+
+
+class GlmModelCard(BaseModel):
+    id: str
+    object: Literal["chat.completion", "embedding"]
+    created: int
+    owned_by: str
+    root: None = None
+    parent: None = None
+    permission: None = None
+
+
+class GlmModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[GlmModelCard]
