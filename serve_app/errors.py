@@ -22,7 +22,7 @@ logger = logging.getLogger("glm_serve")
 
 class APIError(Exception):
     status_code = 500
-    error_type = "internal_server_error"
+    error_type = "server_error"
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)

@@ -123,13 +123,9 @@ class ChatService:
                     yield frame.delta({}, chunk.finish_reason)
             if include_usage:
                 yield frame.usage(usage(prepared.prompt_tokens, completion_tokens))
-        except APIError as exc:
-            yield data_event(_error_json(exc.message, exc.error_type, exc.code))
-        except Exception:
-            logger.exception("chat stream failed mid-way")
-            yield data_event(
-                _error_json("The model failed while generating this reply.", "server_error", None)
-            )
+        except Exception as exc:  # noqa: BLE001 - told to the client, then the stream ends properly
+            error = stream_failure(exc)
+            yield data_event(json.dumps(error_body(error.message, error.error_type, None, error.code)))
         yield DONE
 
 
@@ -153,5 +149,9 @@ class _ChunkFramer:
         return self._event([], usage_info)
 
 
-def _error_json(message: str, error_type: str, code: str | None) -> str:
-    return json.dumps(error_body(message, error_type, None, code))
+def stream_failure(exc: Exception) -> APIError:
+    """What a client is told when its stream breaks after it started (too late for a status code)."""
+    if isinstance(exc, APIError):
+        return exc
+    logger.error("chat stream failed mid-way", exc_info=exc)
+    return APIError("The model failed while generating this reply.")

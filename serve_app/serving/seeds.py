@@ -7,28 +7,15 @@ answer, so each gets a small framer here; prompts, limits and generation are Cha
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from serve_app.errors import APIError, InvalidRequest
+from serve_app.errors import InvalidRequest
 from serve_app.protocol.glm_api import GlmChatRequest
 from serve_app.protocol.openai import now
 from serve_app.protocol.web_demo import WebChatRequest, WebChatResponse
-from serve_app.serving.chat import ChatService, PreparedChat
+from serve_app.serving.chat import ChatService, PreparedChat, stream_failure
 from serve_app.sse import DONE, data_event
-
-logger = logging.getLogger("glm_serve")
-
-_FAILED = "The model failed while generating this reply."
-
-
-def failure_message(exc: Exception) -> str:
-    """What a client is told when a stream breaks after it started (it cannot get a status code any more)."""
-    if isinstance(exc, APIError):
-        return exc.message
-    logger.exception("seed stream failed mid-way", exc_info=exc)
-    return _FAILED
 
 
 class GlmApiService:
@@ -82,7 +69,7 @@ class GlmApiService:
                 if chunk.finish_reason is not None:
                     yield event({}, chunk.finish_reason)
         except Exception as exc:  # noqa: BLE001 - told to the client, then the stream ends properly
-            yield data_event(json.dumps({"error": {"message": failure_message(exc)}}))
+            yield data_event(json.dumps({"error": {"message": stream_failure(exc).message}}))
         yield DONE
 
 
@@ -113,7 +100,7 @@ class WebDemoService:
                     response += chunk.text
                     yield event({"delta": chunk.text, "response": response, "finished": False})
         except Exception as exc:  # noqa: BLE001 - the last event says what went wrong
-            final = {"error": failure_message(exc)}
+            final = {"error": stream_failure(exc).message}
         history = request.history_after(response)
         yield event(
             {
