@@ -37,14 +37,15 @@ class ChatDeployment:
         model.to(device).eval()  # type: ignore[arg-type]
         self._device = torch.device(device)
         end_ids = end_token_ids(model.generation_config.eos_token_id, self._tokenizer)
+        interval_s = config.stream_interval_ms / 1000
         self._engine: Engine
         if config.engine == "continuous":
             window = context_window(config)
             self._engine = ContinuousBatchingEngine(
-                model, self._tokenizer, end_ids, config.max_num_seqs, window
+                model, self._tokenizer, end_ids, config.max_num_seqs, window, interval_s
             )
         else:
-            self._engine = SequentialEngine(model, self._tokenizer, end_ids)
+            self._engine = SequentialEngine(model, self._tokenizer, end_ids, interval_s)
         logger.info("chat model %s loaded from %s on %s", config.name, config.path, device)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:

@@ -106,6 +106,8 @@ class ChatModelConfig(_Strict):
     engine: Literal["continuous", "sequential"] = "continuous"
     # Sequences decoded together; the KV cache holds max_num_seqs x max_model_len tokens, allocated at start.
     max_num_seqs: Annotated[int, Field(ge=1)] = 16
+    # Streamed text is sent at most this often per stream (the first increment at once); 0 sends every token.
+    stream_interval_ms: Annotated[float, Field(ge=0)] = 50.0
     owned_by: str = "glm-serve"
     deployment: DeploymentOptions = DeploymentOptions(
         max_ongoing_requests=32, ray_actor_options=ActorOptions(num_gpus=1)

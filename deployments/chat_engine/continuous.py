@@ -62,9 +62,15 @@ class _Sequence:
 
 class ContinuousBatchingEngine(Engine):
     def __init__(
-        self, model: Any, tokenizer: Any, end_token_ids: list[int], max_num_seqs: int, max_model_len: int
+        self,
+        model: Any,
+        tokenizer: Any,
+        end_token_ids: list[int],
+        max_num_seqs: int,
+        max_model_len: int,
+        stream_interval_s: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(stream_interval_s)
         self._model = model
         self._tokenizer = tokenizer
         self._end_ids = frozenset(end_token_ids)

@@ -58,8 +58,10 @@ class _StopWhen(StoppingCriteria):
 
 
 class SequentialEngine(Engine):
-    def __init__(self, model: Any, tokenizer: Any, end_token_ids: list[int]) -> None:
-        super().__init__()
+    def __init__(
+        self, model: Any, tokenizer: Any, end_token_ids: list[int], stream_interval_s: float = 0.0
+    ) -> None:
+        super().__init__(stream_interval_s)
         self._model = model
         self._tokenizer = tokenizer
         self._end_ids = frozenset(end_token_ids)
