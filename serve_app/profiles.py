@@ -40,7 +40,9 @@ def cpu_demo_args(cache_dir: str | None = None, spec: TinyGlmSpec | None = None)
                 "name": CHAT_MODEL,
                 "path": str(ensure_tiny_glm(cache_dir, spec or TinyGlmSpec())),
                 "device": "cpu",
-                "cpu_threads": os.cpu_count(),
+                # One thread: the decode loop shares 2 cores with the proxy and the ingress, and two torch threads
+                # then lose more to contention than they gain (bench/chat.py: 16 streams ~1.9-3.0k vs ~1.6-2.2k tok/s).
+                "cpu_threads": 1,
                 "max_num_seqs": 32,
                 "deployment": _cpu(0.5, 64),
             }
