@@ -27,6 +27,9 @@ from serve_app.protocol.engine import FinishReason, GenerationChunk
 
 logger = logging.getLogger("ray.serve")
 
+# Prompt tokens prefilled in one forward pass: new requests join in waves without stalling running streams long.
+_PREFILL_TOKEN_BUDGET = 2048
+
 
 class _Sequence:
     """One running request: its sampler, its text, and where it stands."""
@@ -86,7 +89,10 @@ class ContinuousBatchingEngine(Engine):
             dtype=model.dtype,
             device=model.device,
         )
-        self._vocab_size = model.get_output_embeddings().weight.shape[0]
+        # Prefill runs the decoder alone, so logits are computed for each prompt's last position only.
+        self._decoder = model.get_decoder()
+        self._lm_head = model.get_output_embeddings()
+        self._vocab_size = self._lm_head.weight.shape[0]
         self._running: list[_Sequence] = []  # row i uses KV slot i
         self._waiting: deque[Job] = deque()
         self._lock = threading.Lock()
@@ -136,48 +142,79 @@ class ContinuousBatchingEngine(Engine):
                     self._fail_running(exc)
 
     def _admit(self) -> None:
+        """Prefill waiting requests, several per forward pass, within the prefill token budget."""
         while len(self._running) < self._cache.num_slots:
+            jobs: list[Job] = []
+            tokens = 0
             with self._lock:
-                job = self._waiting.popleft() if self._waiting else None
-            if job is None:
+                while self._waiting and len(self._running) + len(jobs) < self._cache.num_slots:
+                    job = self._waiting[0]
+                    length = len(job.request.prompt_token_ids)
+                    if jobs and tokens + length > _PREFILL_TOKEN_BUDGET:
+                        break
+                    self._waiting.popleft()
+                    if not job.cancelled.is_set():
+                        jobs.append(job)
+                        tokens += length
+            if not jobs:
                 return
-            if job.cancelled.is_set():
-                continue
-            try:
-                self._prefill(job)
-            except Exception as exc:
-                logger.exception("prefill failed")
-                job.emit(exc)
+            self._prefill_or_fail(jobs)
 
-    def _prefill(self, job: Job) -> None:
-        slot = self._cache.add_sequence()
+    def _prefill_or_fail(self, jobs: list[Job]) -> None:
         try:
-            sequence, first_token = self._prefill_slot(job, slot)
-        except BaseException:
-            self._cache.remove_sequence(slot)  # the newest slot: nothing moves
-            raise
-        self._running.append(sequence)
-        sequence.accept(first_token)
-        if sequence.done:
-            self._release(slot)
+            self._prefill(jobs)
+        except Exception as exc:
+            if len(jobs) > 1:  # a bad prompt must fail alone, not its whole wave
+                for job in jobs:
+                    self._prefill_or_fail([job])
+            else:
+                logger.exception("prefill failed")
+                jobs[0].emit(exc)
 
-    def _prefill_slot(self, job: Job, slot: int) -> tuple[_Sequence, int]:
-        prompt, sampling = job.request.prompt_token_ids, job.request.sampling
-        length, device = len(prompt), self._model.device
-        self._cache.prepare_prefill(slot, length)
-        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-        out = self._model(
-            input_ids=torch.tensor([prompt], device=device),
-            position_ids=torch.arange(length, device=device)[None, :],
-            attention_mask=causal[None, None, :, :],
+    def _prefill(self, jobs: list[Job]) -> None:
+        slots = [self._cache.add_sequence() for _ in jobs]
+        try:
+            first_tokens = self._prefill_slots(jobs, slots)
+        except BaseException:
+            for slot in reversed(slots):  # the newest slots: nothing moves
+                self._cache.remove_sequence(slot)
+            raise
+        for job, slot, token in zip(jobs, slots, first_tokens, strict=True):
+            sampling, prompt = job.request.sampling, job.request.prompt_token_ids
+            sampler = RowSampler(sampling, prompt, self._vocab_size, self._model.device)
+            sequence = _Sequence(
+                job, sampler, TextOutput(self._tokenizer, prompt, sampling.stop), self._end_ids
+            )
+            self._running.append(sequence)
+            sequence.accept(sampler.choose(token))
+        for row in range(len(self._running) - 1, -1, -1):
+            if self._running[row].done:
+                self._release(row)
+
+    def _prefill_slots(self, jobs: list[Job], slots: list[int]) -> list[torch.Tensor]:
+        """One forward pass over the new prompts; returns each one's next-token logits."""
+        device = self._model.device
+        prompts = [job.request.prompt_token_ids for job in jobs]
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        width = int(lengths.max())
+        input_ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, : len(prompt)] = torch.tensor(prompt, device=device)
+        columns = torch.arange(width, device=device)
+        causal = columns[None, :] <= columns[:, None]  # [query, key]
+        real_keys = columns[None, :] < lengths[:, None]  # [row, key]
+        mask = causal[None, :, :] & real_keys[:, None, :]
+        self._cache.prepare_prefill(list(zip(slots, lengths.tolist(), strict=True)))
+        hidden = self._decoder(
+            input_ids=input_ids,
+            position_ids=columns[None, :].expand(len(prompts), -1),
+            attention_mask=mask[:, None, :, :],
             past_key_values=self._cache,
             use_cache=True,
-            logits_to_keep=1,
-        )
+        ).last_hidden_state
         self._cache.finish_step()
-        sampler = RowSampler(sampling, prompt, self._vocab_size, device)
-        output = TextOutput(self._tokenizer, prompt, sampling.stop)
-        return _Sequence(job, sampler, output, self._end_ids), sampler.choose(out.logits[0, -1].float())
+        last = hidden[torch.arange(len(prompts), device=device), lengths - 1]
+        return list(self._lm_head(last).float())
 
     def _decode_step(self) -> None:
         device = self._model.device

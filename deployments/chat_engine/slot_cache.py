@@ -30,8 +30,8 @@ class SlotKVCache:
         self.num_slots = num_slots
         self.lengths: list[int] = []  # tokens cached per running sequence, by slot
         self._device = device
-        # What the next forward pass writes: one slot's prompt, or one position in each running slot.
-        self._prefill_slot: int | None = None
+        # What the next forward pass writes: the prompts of some new slots, or one position in each running slot.
+        self._prefill: list[tuple[int, int]] | None = None  # (slot, prompt length) per row
         self._positions: torch.Tensor | None = None
         self._span = 0
 
@@ -56,12 +56,13 @@ class SlotKVCache:
             self.lengths[slot] = length
         self.lengths.pop()
 
-    def prepare_prefill(self, slot: int, prompt_length: int) -> None:
-        self._prefill_slot, self._positions, self._span = slot, None, prompt_length
+    def prepare_prefill(self, slots_and_lengths: list[tuple[int, int]]) -> None:
+        """Set up one forward pass over several new prompts, right-padded to the longest."""
+        self._prefill, self._positions = slots_and_lengths, None
 
     def prepare_decode(self) -> torch.Tensor:
         """Set up one decode step for every running sequence; returns their positions (also their RoPE ids)."""
-        self._prefill_slot = None
+        self._prefill = None
         self._positions = torch.tensor(self.lengths, device=self._device)
         self._span = max(self.lengths) + 1
         return self._positions
@@ -73,8 +74,9 @@ class SlotKVCache:
         return (columns[None, :] <= self._positions[:, None])[:, None, None, :]
 
     def finish_step(self) -> None:
-        if self._prefill_slot is not None:
-            self.lengths[self._prefill_slot] = self._span
+        if self._prefill is not None:
+            for slot, length in self._prefill:
+                self.lengths[slot] = length
         else:
             self.lengths = [length + 1 for length in self.lengths]
 
@@ -87,11 +89,12 @@ class SlotKVCache:
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self._keys[layer_idx], self._values[layer_idx]
-        if self._prefill_slot is not None:
-            slot, span = self._prefill_slot, self._span
-            keys[slot, :, :span] = key_states[0]
-            values[slot, :, :span] = value_states[0]
-            return keys[slot : slot + 1, :, :span], values[slot : slot + 1, :, :span]
+        if self._prefill is not None:
+            # The prompts attend only to themselves: store each one's real tokens, hand the batch straight back.
+            for row, (slot, length) in enumerate(self._prefill):
+                keys[slot, :, :length] = key_states[row, :, :length]
+                values[slot, :, :length] = value_states[row, :, :length]
+            return key_states, value_states
         assert self._positions is not None
         rows = torch.arange(len(self.lengths), device=self._device)
         keys[rows, :, self._positions] = key_states[:, :, 0]
