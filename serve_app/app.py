@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from serve_app.errors import install_error_handlers
 from serve_app.registry import ModelRegistry
-from serve_app.routes import glm_api, health, openai, tokenize, web_demo
+from serve_app.routes import glm_api, health, openai, tokenize, ui, web_demo
 from serve_app.serving.chat import ChatService
 from serve_app.serving.embeddings import EmbeddingService
 from serve_app.serving.seeds import GlmApiService, WebDemoService
@@ -20,6 +20,6 @@ def create_app(registry: ModelRegistry) -> FastAPI:
     app.state.glm_api = GlmApiService(app.state.chat)
     app.state.web_demo = WebDemoService(app.state.chat)
     install_error_handlers(app)
-    for router in (openai.router, tokenize.router, health.router, glm_api.router, web_demo.router):
+    for router in (openai.router, tokenize.router, health.router, glm_api.router, web_demo.router, ui.router):
         app.include_router(router)
     return app

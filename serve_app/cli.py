@@ -1,4 +1,7 @@
-"""`glm-serve demo`: run the whole graph on CPU with the embedded models until interrupted."""
+"""`glm-serve demo`: run the whole graph on CPU with the embedded models until interrupted.
+
+`glm-serve spool DIR --url URL`: serve a folder of request files through a running glm-serve (seed 002).
+"""
 
 from __future__ import annotations
 
@@ -35,6 +38,29 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _spool(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from serve_app.spool import SpoolConfig, configure_logging, run_spool
+
+    configure_logging()
+    config = SpoolConfig(
+        folder=Path(args.dir),
+        url=args.url,
+        concurrency=args.concurrency,
+        model=args.model,
+        max_tokens=args.max_tokens,
+    )
+    return run_spool(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="glm-serve")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,9 +70,30 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--cache-dir", default=None, help="where the tiny GLM is built (default ~/.cache/glm-serve)"
     )
+    spool = commands.add_parser(
+        "spool",
+        help="answer requests/N.request files in DIR through a running glm-serve (README: File spool)",
+    )
+    spool.add_argument("dir", metavar="DIR", help="the spool folder; requests/ and flags/ are made in it")
+    spool.add_argument("--url", required=True, help="the running glm-serve, e.g. http://127.0.0.1:8000")
+    spool.add_argument(
+        "--concurrency", type=_positive_int, default=4, metavar="N", help="requests served at once"
+    )
+    spool.add_argument(
+        "--model", default=None, metavar="M", help="chat model to ask (default: the server's default)"
+    )
+    spool.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="reply length cap (default: fill the window)",
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "spool":
+        return _spool(args)
     return 2
 
 
