@@ -26,7 +26,14 @@ def _chat_replica() -> ray.actor.ActorHandle:
 
 
 def test_replica_killed_mid_stream_ends_with_error_then_done(http: httpx.Client) -> None:
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500, "stream": True}
+    # Greedy: this prompt then runs to max_tokens, so the stream is still going when the replica dies
+    # (sampling from the random weights may end it early with an end token).
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 1500,
+        "stream": True,
+        "temperature": 0,
+    }
     events = []
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         for line in response.iter_lines():
@@ -35,7 +42,8 @@ def test_replica_killed_mid_stream_ends_with_error_then_done(http: httpx.Client)
             events.append(line)
             if len(events) == 5:
                 ray.kill(_chat_replica(), no_restart=True)
-    assert events[-1] == "data: [DONE]"
+    assert events[-1] == "data: [DONE]", events[-3:]
+    assert "error" in events[-2], events[-4:]
     error = json.loads(events[-2][len("data: ") :])["error"]
     assert error["type"] == "server_error" and error["message"]
 
