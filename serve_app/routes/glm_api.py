@@ -55,8 +55,7 @@ async def seed_chat(
 async def seed_embedding(
     request: GlmEmbeddingRequest, embeddings: Annotated[EmbeddingService, Depends(deps.embedding_service)]
 ) -> Response:
-    result = await embeddings.embed(EmbeddingRequest(model=request.model, input=request.prompt))
-    model = request.model or embeddings.default_model()
+    model, result = await embeddings.embed(EmbeddingRequest(model=request.model, input=request.prompt))
     body = {"data": result.vectors, "model": model, "object": "embedding"}
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 

@@ -19,27 +19,26 @@ class EmbeddingService:
         self._registry = registry
         self._dimensions: dict[str, int] = {}
 
-    def default_model(self) -> str:
-        return self._registry.embedding(None).name
-
     async def dimension(self, model: str) -> int:
         if model not in self._dimensions:
             self._dimensions[model] = await self._registry.embedding(model).handle.dimension.remote()
         return self._dimensions[model]
 
-    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+    async def embed(self, request: EmbeddingRequest) -> tuple[str, Embeddings]:
+        """The model that served the request (the default one if it named none) and its vectors."""
         model = self._registry.embedding(request.model)
-        if request.dimensions is not None and request.dimensions != await self.dimension(model.name):
-            raise InvalidRequest(
-                f"The model '{model.name}' makes {await self.dimension(model.name)}-d vectors and cannot "
-                f"return {request.dimensions}-d ones.",
-                param="dimensions",
-            )
-        return await model.handle.embed.remote(request.texts)
+        if request.dimensions is not None:
+            dimensions = await self.dimension(model.name)
+            if request.dimensions != dimensions:
+                raise InvalidRequest(
+                    f"The model '{model.name}' makes {dimensions}-d vectors and cannot return "
+                    f"{request.dimensions}-d ones.",
+                    param="dimensions",
+                )
+        return model.name, await model.handle.embed.remote(request.texts)
 
     async def create(self, request: EmbeddingRequest) -> Response:
-        model = self._registry.embedding(request.model).name
-        result = await self.embed(request)
+        model, result = await self.embed(request)
         # Vectors go straight from numpy to JSON: building pydantic objects for thousands of floats is the
         # slowest part of this route otherwise.
         body = {
