@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
@@ -17,7 +20,9 @@ from deployments.model_files import (
     resolve_device,
     resolve_dtype,
 )
+from deployments.model_health import poison_weights, require_finite
 from serve_app.config import ChatModelConfig
+from serve_app.metrics import ChatMetrics
 from serve_app.protocol.engine import GenerateRequest, GenerationChunk
 
 logger = logging.getLogger("ray.serve")
@@ -35,27 +40,59 @@ class ChatDeployment:
             config.path, dtype=resolve_dtype(config.dtype, device), trust_remote_code=config.trust_remote_code
         )
         model.to(device).eval()  # type: ignore[arg-type]
+        self._model = model
         self._device = torch.device(device)
+        # One thread: a probe that hangs (a wedged accelerator) makes the next ones wait and time out, not pile up.
+        self._probe_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-probe")
         end_ids = end_token_ids(model.generation_config.eos_token_id, self._tokenizer)
         interval_s = config.stream_interval_ms / 1000
+        self._metrics = ChatMetrics(config.name)
         self._engine: Engine
         if config.engine == "continuous":
             window = context_window(config)
             self._engine = ContinuousBatchingEngine(
-                model, self._tokenizer, end_ids, config.max_num_seqs, window, interval_s
+                model, self._tokenizer, end_ids, config.max_num_seqs, window, interval_s, self._metrics
             )
         else:
-            self._engine = SequentialEngine(model, self._tokenizer, end_ids, interval_s)
+            self._engine = SequentialEngine(model, self._tokenizer, end_ids, interval_s, self._metrics)
         logger.info("chat model %s loaded from %s on %s", config.name, config.path, device)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the completion of one prompt; the last chunk carries the finish reason."""
-        async for chunk in self._engine.stream(request):
-            yield chunk
+        received = time.perf_counter()
+        last: GenerationChunk | None = None
+        try:
+            async for chunk in self._engine.stream(request):
+                if last is None:
+                    self._metrics.first_token(time.perf_counter() - received, len(request.prompt_token_ids))
+                last = chunk
+                yield chunk
+        finally:
+            if last is not None:  # also when the client went away mid-stream: those tokens were computed
+                self._metrics.completion_tokens(last.completion_tokens)
 
     def status(self) -> dict[str, int]:
         """Answered for /health: the sequences this replica is generating or about to."""
         return {"active_sequences": self._engine.active_sequences}
+
+    async def check_health(self) -> None:
+        """Serve replaces the replica when this raises: the engine's worker died, or a one-token forward pass fails
+        or gives non-finite logits. The pass runs beside the engine's, off the event loop, and uses no KV cache."""
+        self._engine.check_alive()
+        await asyncio.get_running_loop().run_in_executor(self._probe_executor, self._probe)
+
+    def _probe(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            logits = self._model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self._device)).logits
+        require_finite(logits, "the chat model's forward pass")
+
+    def break_model_for_tests(self) -> int:
+        """Fault injection, reachable only through a Serve handle (never over HTTP): NaN weights, as a corrupted
+        model has. Generation then produces garbage and `check_health` fails until Serve replaces the replica."""
+        logger.warning("chat model weights poisoned on purpose (break_model_for_tests)")
+        return poison_weights(self._model)
 
     def clear_cache(self) -> bool:
         """Release cached accelerator memory (the web demo's /clear); a no-op on CPU."""

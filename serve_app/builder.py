@@ -45,7 +45,6 @@ def _bind(deployment: Any, name: str, options: DeploymentOptions, *args: Any) ->
 
 
 def bind_graph(config: AppConfig) -> Application:
-    created = int(time.time())
     chat = {
         m.name: _bind(ChatDeployment, deployment_name("Chat", m.name), m.deployment, m)
         for m in config.chat_models
@@ -55,6 +54,16 @@ def bind_graph(config: AppConfig) -> Application:
         for m in config.embedding_models
     }
     tokenizer = _bind(TokenizerDeployment, "Tokenizer", config.tokenizer, list(config.chat_models))
+    return bind_ingress(config, chat, embeddings, tokenizer)
+
+
+def bind_ingress(
+    config: AppConfig, chat: dict[str, Any], embeddings: dict[str, Any], tokenizer: Any
+) -> Application:
+    """The ingress over the model deployments: bound ones (`bind_graph`), or handles of ones already running."""
+    created = int(time.time())
     served: list[ChatModelConfig | EmbeddingModelConfig] = [*config.chat_models, *config.embedding_models]
     cards = [ModelCard(id=m.name, created=created, owned_by=m.owned_by) for m in served]
-    return _bind(Ingress, "Ingress", config.ingress, chat, embeddings, tokenizer, cards)
+    return _bind(
+        Ingress, "Ingress", config.ingress, chat, embeddings, tokenizer, cards, config.security, config.limits
+    )

@@ -12,7 +12,7 @@ import threading
 
 import httpx
 
-from serve_app.runtime import start_serve, stop_serve, wait_until_healthy
+from serve_app.runtime import metrics_url, start_serve, stop_serve, wait_until_healthy
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -20,7 +20,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from serve_app.profiles import build_demo_app
 
-    start_serve(host=args.host, port=args.port)
+    start_serve(host=args.host, port=args.port, metrics_port=args.metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -30,6 +30,7 @@ def _demo(args: argparse.Namespace) -> int:
         wait_until_healthy(url, timeout_s=300)
         models = [card["id"] for card in httpx.get(f"{url}/v1/models").json()["data"]]
         print(f"glm-serve is ready at {url}  (models: {', '.join(models)})", flush=True)
+        print(f"Prometheus metrics (Ray's and glm-serve's): {metrics_url()}", flush=True)
         print("The tiny chat model has random weights: its replies are gibberish. Ctrl-C stops.", flush=True)
         while not stop.is_set():
             stop.wait(0.5)
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="serve the embedded tiny models on CPU")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument(
+        "--metrics-port", type=int, default=None, help="Ray's Prometheus port (default: a free one, printed)"
+    )
     demo.add_argument(
         "--cache-dir", default=None, help="where the tiny GLM is built (default ~/.cache/glm-serve)"
     )

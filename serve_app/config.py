@@ -6,9 +6,10 @@ autoscaling and resources live next to the model they are for, and nowhere else.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -41,13 +42,23 @@ class ActorOptions(_Strict):
     env_vars: dict[str, str] = Field(default_factory=dict)
 
 
+class BackpressureOptions(_Strict):
+    """What a request refused for back-pressure is told: 503 with `Retry-After` (Ray's `backpressure_config`)."""
+
+    retry_after_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+
+
 class DeploymentOptions(_Strict):
     """The Serve options of one deployment (a subset of Ray's, with the same names)."""
 
     num_replicas: Annotated[int | None, Field(ge=1)] = None
     autoscaling_config: AutoscalingOptions | None = None
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 16
-    max_queued_requests: Annotated[int, Field(ge=-1)] = -1
+    # Requests each caller (a proxy, an ingress replica) holds back while every replica is at
+    # max_ongoing_requests; beyond that, 503 at once. None: as many as max_ongoing_requests, so a queued request
+    # waits about one round of work and memory stays bounded; -1: no limit (Ray's default).
+    max_queued_requests: Annotated[int | None, Field(ge=-1)] = None
+    backpressure_config: BackpressureOptions = BackpressureOptions()
     health_check_period_s: Annotated[float, Field(gt=0)] = 10.0
     health_check_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     graceful_shutdown_timeout_s: Annotated[float, Field(ge=0)] = 20.0
@@ -57,7 +68,16 @@ class DeploymentOptions(_Strict):
     def _replicas_or_autoscaling(self) -> DeploymentOptions:
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError("set either num_replicas or autoscaling_config, not both")
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests must be -1 (no limit) or at least 1")
         return self
+
+    @property
+    def queue_limit(self) -> int:
+        """max_queued_requests as Serve takes it."""
+        if self.max_queued_requests is None:
+            return self.max_ongoing_requests
+        return self.max_queued_requests
 
     def to_serve_options(self) -> dict[str, Any]:
         """The keyword arguments of `Deployment.options(...)`."""
@@ -73,7 +93,8 @@ class DeploymentOptions(_Strict):
             actor_options["runtime_env"] = {"env_vars": dict(actor.env_vars)}
         options: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
+            "max_queued_requests": self.queue_limit,
+            "backpressure_config": {"retry_after_s": self.backpressure_config.retry_after_s},
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
@@ -147,11 +168,82 @@ class EmbeddingModelConfig(_Strict):
         return self
 
 
+# A key travels in an `Authorization: Bearer <key>` header and, from the environment, in a comma-separated list:
+# printable ASCII without space or comma, and long enough not to be guessed.
+_API_KEY = re.compile(r"[!-+\--~]{8,}")
+API_KEY_RULE = "at least 8 printable ASCII characters, without spaces or commas"
+
+
+def is_valid_api_key(key: str) -> bool:
+    return _API_KEY.fullmatch(key) is not None
+
+
+# What a browser sends as `Origin`: scheme://host[:port], no path, no trailing slash (or "*" for any origin).
+# CORS compares origins as exact strings, so "https://app.example.com/" would silently never match.
+_ORIGIN = re.compile(r"\*|https?://[^/\s]+")
+
+
+class SecurityConfig(_Strict):
+    """Who may call the model routes. /health, the web page and /openapi.json stay open."""
+
+    # Keys that grant access; with none here nor in `api_keys_env`, the model routes are open.
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    # An environment variable of the ingress replica holding more keys, comma-separated (e.g. from a Kubernetes
+    # Secret). Read when the ingress starts, so rotating a key needs a restart of the ingress replicas.
+    api_keys_env: Annotated[str | None, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "GLM_SERVE_API_KEYS"
+    # Refuse to start without a key, so a missing Secret fails loudly instead of serving an open endpoint.
+    require_api_key: bool = False
+    # Origins whose pages may call the API from a browser (CORS); none: only the server's own web page.
+    cors_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_fit_a_header(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for index, key in enumerate(keys):
+            if not is_valid_api_key(key.get_secret_value()):  # the message never shows the key
+                raise ValueError(f"api_keys[{index}] must be {API_KEY_RULE}")
+        return keys
+
+    @model_validator(mode="after")
+    def _a_required_key_can_exist(self) -> SecurityConfig:
+        # With a variable named, its keys are only known where the ingress runs: checked when it starts.
+        if self.require_api_key and not self.api_keys and not self.api_keys_env:
+            raise ValueError(
+                "require_api_key is set but there is no api_keys entry and no api_keys_env to read"
+            )
+        return self
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_as_browsers_send_them(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if _ORIGIN.fullmatch(origin) is None:
+                raise ValueError(
+                    f"{origin!r} is not an origin: write scheme://host[:port] with no path, or '*'"
+                )
+        return origins
+
+
+class LimitsConfig(_Strict):
+    """Per-request limits, the same on the /v1 routes and the seed routes. Over a limit: a 4xx naming it."""
+
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024  # a larger body: 413, never read whole
+    max_messages: Annotated[int, Field(ge=1)] = 1024  # per chat request (a web-demo history pair counts two)
+    max_message_chars: Annotated[int, Field(ge=1)] = 262_144  # one message's content, and a /tokenize prompt
+    max_embedding_inputs: Annotated[int, Field(ge=1)] = 2048  # strings per embedding request (OpenAI's limit)
+    max_embedding_input_chars: Annotated[int, Field(ge=1)] = 65_536  # one embedding input
+    # max_tokens a chat request may ask for, and what an omitted max_tokens means; None: the context window.
+    # The seed routes (GLM-API sends 4096 by default) are capped to it instead of refused, as they are to the window.
+    max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
+
+
 class AppConfig(_Strict):
     chat_models: Annotated[list[ChatModelConfig], Field(min_length=1)]
     embedding_models: list[EmbeddingModelConfig] = Field(default_factory=list)
     tokenizer: DeploymentOptions = DeploymentOptions(max_ongoing_requests=256)
     ingress: DeploymentOptions = DeploymentOptions(max_ongoing_requests=512)
+    security: SecurityConfig = SecurityConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:

@@ -7,6 +7,7 @@ client error found deep in a replica still reaches the client as its 4xx.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -15,6 +16,9 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("glm_serve")
@@ -23,6 +27,7 @@ logger = logging.getLogger("glm_serve")
 class APIError(Exception):
     status_code = 500
     error_type = "server_error"
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -49,6 +54,84 @@ class ModelNotFound(APIError):
         self.message = f"The model '{model}' does not exist."
 
 
+class Unauthorized(APIError):
+    """No valid API key. The message never repeats the key that was sent."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = "invalid_api_key") -> None:
+        super().__init__(message, param, code)
+        self.headers = {"WWW-Authenticate": "Bearer"}
+
+
+class ServiceUnavailable(APIError):
+    """The request was not served and may be sent again after `Retry-After` seconds (OpenAI's own 503 shape)."""
+
+    status_code = 503
+
+    def __init__(self, message: str, code: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, None, code)
+        self.headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+
+
+def serving_failure(exc: BaseException) -> APIError | None:
+    """What a client is told when Serve refused or lost a request to a deployment; None for any other error.
+
+    Refused (a deployment's max_queued_requests is reached): 503 `overloaded`. Lost (the replica died under it, or
+    the deployment has no replica yet): 503 `replica_unavailable`. Both are answered at once with Retry-After,
+    while Serve sheds the load or replaces the replica.
+    """
+    if isinstance(exc, BackPressureError):
+        return ServiceUnavailable(
+            "The server is overloaded with other requests. Please retry after a short wait.",
+            "overloaded",
+            exc.retry_after_s or 1.0,
+        )
+    if isinstance(exc, (RayActorError, DeploymentUnavailableError)):
+        return ServiceUnavailable(
+            "The model replica serving this request became unavailable. Please retry after a short wait.",
+            "replica_unavailable",
+        )
+    return None
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer of the OpenAI-style routes (what `error_body` builds)."""
+
+    error: ErrorInfo
+
+
+class SeedErrorResponse(BaseModel):
+    """The body of a seed route's error other than a malformed body (that is FastAPI's 422 list)."""
+
+    detail: str
+
+
+# The errors the OpenAPI document declares (router `responses=`), so that clients and the fuzz tests know them.
+# "4XX" covers the rest (405, 401, 413, 429, ...) and keeps FastAPI from declaring a 422 these routes never send.
+OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Malformed request; `param` names the culprit"},
+    404: {"model": ErrorResponse, "description": "Unknown model or route"},
+    "4XX": {"model": ErrorResponse, "description": "Any other client error, in the same envelope"},
+    503: {"model": ErrorResponse, "description": "Overloaded or replica lost; see `Retry-After`"},
+}
+SEED_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": SeedErrorResponse, "description": "Request refused, as the seed server refused it"},
+    401: {"model": SeedErrorResponse, "description": "No valid API key (when keys are configured)"},
+    404: {"model": SeedErrorResponse, "description": "Unknown model"},
+    413: {"model": SeedErrorResponse, "description": "Body over `limits.max_body_bytes`"},
+    503: {"model": SeedErrorResponse, "description": "Overloaded or replica lost; see `Retry-After`"},
+}
+
+
 def error_body(
     message: str, error_type: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
@@ -57,7 +140,9 @@ def error_body(
 
 def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(
-        error_body(exc.message, exc.error_type, exc.param, exc.code), status_code=exc.status_code
+        error_body(exc.message, exc.error_type, exc.param, exc.code),
+        status_code=exc.status_code,
+        headers=exc.headers,
     )
 
 
@@ -85,8 +170,9 @@ async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
 async def _on_http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    code = "request_too_large" if exc.status_code == 413 else None
     return JSONResponse(
-        error_body(str(exc.detail), error_type), status_code=exc.status_code, headers=exc.headers
+        error_body(str(exc.detail), error_type, code=code), status_code=exc.status_code, headers=exc.headers
     )
 
 
@@ -102,7 +188,29 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _on_unexpected_error)
 
 
-class SeedRoute(APIRoute):
+class ServingRoute(APIRoute):
+    """A route that calls deployments: Serve's refusals and lost replicas become `serving_failure`'s 503.
+
+    Converted here, inside the route, because Serve installs its own plain-text handler for BackPressureError on
+    the ingress app after the app is built, which would win over one registered with `install_error_handlers`.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[None, None, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer_serving_failures(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                failure = serving_failure(exc)
+                if failure is None:
+                    raise
+                raise failure from exc
+
+        return answer_serving_failures
+
+
+class SeedRoute(ServingRoute):
     """Routes kept from the seed servers answer errors as those did: FastAPI's `{"detail": ...}` body, with 422
     for a malformed body, instead of the OpenAI envelope the /v1 routes use."""
 
@@ -115,6 +223,8 @@ class SeedRoute(APIRoute):
             except RequestValidationError as exc:
                 return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
             except APIError as exc:
-                return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+                return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=exc.headers)
+            except StarletteHTTPException as exc:  # e.g. a body that is not even text
+                return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
         return answer_like_the_seeds

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.app import create_app
+from serve_app.config import LimitsConfig, SecurityConfig
 from serve_app.protocol.openai import ModelCard
 from serve_app.registry import ModelRegistry
+from serve_app.security import AccessPolicy
 
 
 @serve.deployment
@@ -20,9 +24,15 @@ class Ingress:
         embeddings: dict[str, DeploymentHandle],
         tokenizer: DeploymentHandle,
         cards: list[ModelCard],
+        security: SecurityConfig | None = None,
+        limits: LimitsConfig | None = None,
     ) -> None:
         self._registry = ModelRegistry(chat, embeddings, tokenizer, cards)
+        # Keys come from this replica's environment (e.g. a Kubernetes Secret); a required key that is missing
+        # fails the replica here, so the deployment reports why instead of serving an open API.
+        self._access = AccessPolicy.from_config(security or SecurityConfig(), os.environ)
+        self._limits = limits or LimitsConfig()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Called by Serve after __init__, so the app is built around this replica's handles.
-        return create_app(self._registry)
+        return create_app(self._registry, self._access, self._limits)

@@ -27,14 +27,32 @@ SERVE_ENV = {
 }
 
 
-def start_serve(host: str = "127.0.0.1", port: int = 8000, **ray_init: Any) -> None:
+def start_serve(
+    host: str = "127.0.0.1", port: int = 8000, metrics_port: int | None = None, **ray_init: Any
+) -> None:
+    """Start a local Ray and Serve's HTTP proxy on `port`; Prometheus metrics on `metrics_port` (None: Ray picks
+    a free one, see `metrics_url`)."""
     import ray
     from ray import serve
 
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(include_dashboard=False, logging_level=logging.WARNING, **ray_init)
+    ray.init(
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        _metrics_export_port=metrics_port,
+        **ray_init,
+    )
     serve.start(http_options={"host": host, "port": port})
+
+
+def metrics_url() -> str:
+    """Where this Ray node serves Prometheus metrics (Ray's and glm-serve's); call after `start_serve`."""
+    import ray
+
+    this_node = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["Alive"] and n["NodeID"] == this_node)
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
 def stop_serve() -> None:

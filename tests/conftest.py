@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from tests.secured_app import APP_NAME, SecuredApp, deploy_secured_app
+
 
 def _free_port() -> int:
     # Ray's own workers take 10002-19999; our servers stay above that.
@@ -38,7 +40,13 @@ def base_url(tiny_glm_path: str) -> Iterator[str]:
     port = _free_port()
     # A private temp dir (short: Ray's socket paths must fit 107 bytes) keeps runs from meeting each other.
     ray_dir = tempfile.mkdtemp(prefix="ray-glm-", dir="/tmp")
-    start_serve(port=port, _temp_dir=ray_dir, num_cpus=os.cpu_count() or 2)
+    # Metrics reach Ray's exporter every metrics_report_interval_ms (10 s by default): 1 s keeps test_metrics short.
+    start_serve(
+        port=port,
+        _temp_dir=ray_dir,
+        num_cpus=os.cpu_count() or 2,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     try:
         serve.run(build_demo_app(), name="glm-serve", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
@@ -57,6 +65,24 @@ def http(base_url: str) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def client(base_url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def metrics_url(base_url: str) -> str:
+    """The Prometheus endpoint of the session's Ray node (glm-serve's metrics and Ray's)."""
+    from serve_app.runtime import metrics_url
+
+    return metrics_url()
+
+
+@pytest.fixture(scope="session")
+def secured(base_url: str) -> Iterator[SecuredApp]:
+    """A second ingress over the session app's deployments, at /secured, with API keys, CORS and small limits."""
+    from ray import serve
+
+    secured_app = deploy_secured_app("glm-serve", base_url)
+    yield secured_app
+    serve.delete(APP_NAME)
 
 
 def pytest_configure(config: pytest.Config) -> None:

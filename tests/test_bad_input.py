@@ -88,6 +88,36 @@ def test_unknown_route_is_404_in_the_envelope(http: httpx.Client) -> None:
     _assert_envelope(http.get("/v1/nothing-here"), 404)
 
 
+# Found by tests/test_fuzz.py: sampling values too small for float32 (5e-324) gave NaN probabilities in the chat
+# replica, and the failed sampling step took the other sequences of its batch down with it: 500s.
+TINY = 5e-324
+EXTREME_SAMPLING_CASES: list[tuple[str, str, dict[str, Any]]] = [
+    ("openai top_p", "/v1/chat/completions", {"messages": USER, "top_p": TINY}),
+    ("openai temperature", "/v1/chat/completions", {"messages": USER, "temperature": TINY}),
+    ("openai repetition_penalty", "/v1/chat/completions", {"messages": USER, "repetition_penalty": TINY}),
+    ("glm-api top_p", "/chat", {"messages": USER, "top_p": TINY}),
+    ("glm-api repetition_penalty", "/chat", {"messages": USER, "repetition_penalty": TINY}),
+    ("web demo top_p", "/chat", {"query": "hi", "top_p": TINY}),
+    ("web demo stream temperature", "/stream", {"query": "hi", "temperature": TINY}),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "path", "body"), EXTREME_SAMPLING_CASES, ids=[c[0] for c in EXTREME_SAMPLING_CASES]
+)
+def test_extreme_sampling_values_are_served(http: httpx.Client, case: str, path: str, body: Any) -> None:
+    response = http.post(path, json={**body, "max_tokens": 4})
+    assert response.status_code == 200, response.text
+    assert '"error"' not in response.text  # a stream would report a failed step as an error event
+
+
+def test_seed_embedding_of_an_empty_string_is_refused(http: httpx.Client) -> None:
+    # Found by tests/test_fuzz.py: an empty prompt passed the seed route's model and failed later with a 500.
+    response = http.post("/embedding", json={"prompt": ["hello", ""]})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body", "prompt", 1]
+
+
 def test_server_is_healthy_after_bad_input(http: httpx.Client) -> None:
     for _, body, _ in CHAT_CASES + EMBEDDING_CASES:
         http.post("/v1/chat/completions", json=body)

@@ -278,6 +278,14 @@ def test_gpu_group_holds_every_chat_replica() -> None:
     assert group["maxReplicas"] * gpus >= needed
 
 
+def test_no_cpu_only_replica_fits_on_a_gpu_pod() -> None:
+    # Else one lands on a GPU pod whose chat replica scaled down, and the next chat replica cannot fit there.
+    config = _app_config()
+    cpu_only = [m.deployment for m in config.embedding_models] + [config.tokenizer, config.ingress]
+    assert _ray_cpus(_group("gpu")) == 0
+    assert all(o.ray_actor_options.num_cpus > 0 for o in cpu_only)
+
+
 def test_cpu_group_holds_every_other_replica() -> None:
     config = _app_config()
     cpu_only = [m.deployment for m in config.embedding_models] + [config.tokenizer, config.ingress]

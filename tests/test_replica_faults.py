@@ -1,4 +1,5 @@
-"""A chat replica dying mid-stream: the client gets an error event and [DONE], and Serve replaces the replica.
+"""Replicas that die or break: clients get a clean answer (an error event and [DONE] mid-stream, 503 with
+Retry-After otherwise), never a hang, and Serve replaces the replica.
 
 Marked `disruptive`: conftest runs these after every other test, since the app is one per session.
 """
@@ -6,6 +7,7 @@ Marked `disruptive`: conftest runs these after every other test, since the app i
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import httpx
@@ -14,15 +16,42 @@ import ray
 
 pytestmark = pytest.mark.disruptive
 
+CHAT = "Chat-tiny-glm"
+EMBEDDING = "Embedding-all-MiniLM-L6-v2"
 
-def _chat_replica() -> ray.actor.ActorHandle:
+
+def _replica_name(deployment: str) -> str:
     names = [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith("SERVE_REPLICA::glm-serve#Chat-tiny-glm#")
+        if a["name"].startswith(f"SERVE_REPLICA::glm-serve#{deployment}#")
     ]
-    assert len(names) == 1
-    return ray.get_actor(names[0], namespace="serve")
+    assert len(names) == 1, names
+    return str(names[0])
+
+
+def _replica(deployment: str) -> ray.actor.ActorHandle:
+    return ray.get_actor(_replica_name(deployment), namespace="serve")
+
+
+def _chat_replica() -> ray.actor.ActorHandle:
+    return _replica(CHAT)
+
+
+def _until(condition_met: object, timeout_s: float = 180) -> float:
+    """Poll until `condition_met()` is true; the seconds it took (printed by the tests, never asserted)."""
+    assert callable(condition_met)
+    start = time.monotonic()
+    while not condition_met():
+        assert time.monotonic() - start < timeout_s, f"not recovered within {timeout_s:.0f} s"
+        time.sleep(0.5)
+    return time.monotonic() - start
+
+
+def _assert_unavailable(response: httpx.Response) -> None:
+    assert int(response.headers["retry-after"]) >= 1
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "replica_unavailable"), error
 
 
 def test_replica_killed_mid_stream_ends_with_error_then_done(http: httpx.Client) -> None:
@@ -56,3 +85,76 @@ def test_replica_killed_mid_stream_ends_with_error_then_done(http: httpx.Client)
         "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     )
     assert reply.status_code == 200
+
+
+TEXTS = [f"sentence number {i} about replicas that fail while they embed" for i in range(64)]
+
+
+def test_embedding_replica_killed_under_load_answers_503_then_recovers(http: httpx.Client) -> None:
+    answers: list[httpx.Response] = []
+    stop = threading.Event()
+
+    def keep_embedding() -> None:
+        with httpx.Client(base_url=str(http.base_url), timeout=60) as client:
+            while not stop.is_set():
+                answers.append(client.post("/v1/embeddings", json={"input": TEXTS}))
+
+    clients = [threading.Thread(target=keep_embedding) for _ in range(6)]
+    for thread in clients:
+        thread.start()
+    _until(lambda: len(answers) >= 6)
+    served_before = len(answers)
+    ray.kill(_replica(EMBEDDING), no_restart=True)
+    killed_at = time.monotonic()
+    stop.set()  # each client ends after the request it has in flight
+    for thread in clients:
+        thread.join(timeout=120)
+    # No request hangs: every client got its answer (httpx would have raised after 60 s otherwise).
+    assert not any(thread.is_alive() for thread in clients)
+
+    statuses = [answer.status_code for answer in answers]
+    assert set(statuses) <= {200, 503}, statuses
+    assert 503 in statuses[served_before:], statuses  # the requests in flight when the replica died
+    for answer in answers:
+        if answer.status_code == 503:
+            _assert_unavailable(answer)
+
+    def embeds() -> bool:
+        answer = http.post("/v1/embeddings", json={"input": ["back again"]})
+        assert answer.status_code in {200, 503}, answer.text
+        return answer.status_code == 200
+
+    _until(embeds)
+    print(
+        f"in flight at the kill: {statuses[served_before:]}; "
+        f"embeddings served again {time.monotonic() - killed_at:.1f} s after the replica was killed"
+    )
+
+
+def test_a_broken_model_fails_its_health_check_and_its_replica_is_replaced(http: httpx.Client) -> None:
+    from ray import serve
+
+    before = {deployment: _replica_name(deployment) for deployment in (CHAT, EMBEDDING)}
+    for deployment in before:
+        handle = serve.get_deployment_handle(deployment, app_name="glm-serve")
+        assert handle.break_model_for_tests.remote().result() > 0
+    # The fault is real: the poisoned model computes NaN, which JSON carries as null.
+    poisoned = http.post("/v1/embeddings", json={"input": ["hello"]})
+    assert poisoned.status_code != 200 or None in poisoned.json()["data"][0]["embedding"], poisoned.text[:200]
+
+    def replaced() -> bool:
+        names = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(("SERVE_REPLICA::glm-serve#Chat-", "SERVE_REPLICA::glm-serve#Embedding-"))
+        ]
+        return not set(before.values()) & set(names) and http.get("/health").status_code == 200
+
+    print(f"broken replicas replaced in {_until(replaced):.1f} s")
+    assert {deployment: _replica_name(deployment) for deployment in before} != before
+    vector = http.post("/v1/embeddings", json={"input": ["hello"]}).json()["data"][0]["embedding"]
+    assert all(isinstance(value, float) for value in vector)
+    reply = http.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    )
+    assert reply.status_code == 200, reply.text

@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.secured_app import SecuredApp
+
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
@@ -261,3 +263,42 @@ def test_screenshots_laptop_and_phone(chat: ChatPage) -> None:
     assert chat.page.evaluate("document.documentElement.scrollWidth") <= 390
     expect(chat.page.locator("#prompt")).to_be_in_viewport()
     chat.page.screenshot(path=ARTIFACTS / "web_page_phone.png")
+
+
+def test_page_asks_for_the_api_key_once_and_sends_it(browser: Any, secured: SecuredApp) -> None:
+    """Against the `secured` ingress (tests/secured_app.py): a key is asked for on the first 401, a refused key
+    is asked for again, and the key then goes with every request, the streamed one included."""
+    context = browser.new_context()
+    page = context.new_page()
+    chat = ChatPage(page)
+    sent_keys: list[tuple[str, str | None]] = []
+    page.on("request", lambda r: sent_keys.append((r.url, r.headers.get("authorization"))))
+    page.goto(f"{secured.url}/")
+
+    dialog = page.locator("#key-dialog")
+    expect(dialog).to_be_visible(timeout=30_000)
+    expect(page.locator("#key-message")).to_contain_text("needs an API key")
+    page.fill("#api-key", "not-the-right-key")
+    page.click("#key-submit")
+    expect(page.locator("#key-message")).to_contain_text("refused", timeout=30_000)
+    page.fill("#api-key", secured.env_key)
+    page.click("#key-submit")
+    expect(dialog).to_be_hidden()
+    expect(page.locator("#model option")).not_to_have_count(0, timeout=30_000)
+
+    page.fill("#temperature", "0")
+    chat.send("Hello with a key", max_tokens=8)
+    expect(chat.last_reply()).to_have_text(re.compile(r"\S"), timeout=60_000)
+    chat.wait_ready()
+    assert not page.locator(".note.error").count()
+    chat_keys = [key for url, key in sent_keys if url.endswith("/v1/chat/completions")]
+    assert chat_keys == [f"Bearer {secured.env_key}"]  # one request, with the key, no second ask
+
+    # The key is kept for the tab: a reload asks no more.
+    sent_keys.clear()
+    page.reload()
+    expect(page.locator("#model option")).not_to_have_count(0, timeout=30_000)
+    expect(dialog).to_be_hidden()
+    assert [key for url, key in sent_keys if url.endswith("/v1/models")] == [f"Bearer {secured.env_key}"]
+    context.close()
+    assert chat.script_errors == []

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +25,9 @@ from deployments.chat_engine.slot_cache import SlotKVCache
 from deployments.chat_engine.text_output import TextOutput
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.engine import FinishReason, GenerationChunk
+
+if TYPE_CHECKING:
+    from serve_app.metrics import ChatMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -72,8 +76,9 @@ class ContinuousBatchingEngine(Engine):
         max_num_seqs: int,
         max_model_len: int,
         stream_interval_s: float = 0.0,
+        metrics: ChatMetrics | None = None,
     ) -> None:
-        super().__init__(stream_interval_s)
+        super().__init__(stream_interval_s, metrics)
         self._model = model
         self._tokenizer = tokenizer
         self._end_ids = frozenset(end_token_ids)
@@ -98,6 +103,7 @@ class ContinuousBatchingEngine(Engine):
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._closed = False
+        self._reported_sequences = (-1, -1)  # (running, waiting) last sent to the metrics
         self._thread = threading.Thread(target=self._loop, name="continuous-batching", daemon=True)
         self._thread.start()
         logger.info(
@@ -119,6 +125,11 @@ class ContinuousBatchingEngine(Engine):
             self._waiting.append(job)
         self._wakeup.set()
 
+    def check_alive(self) -> None:
+        # An error outside the guarded decode step ends the loop: every request would then wait forever.
+        if not self._closed and not self._thread.is_alive():
+            raise RuntimeError("the continuous-batching loop thread has died")
+
     def close(self) -> None:
         self._closed = True
         self._wakeup.set()
@@ -130,16 +141,33 @@ class ContinuousBatchingEngine(Engine):
         with torch.inference_mode():
             while not self._closed:
                 self._drop_cancelled()
+                # The running sequences' previous token came at the end of the last step: the prefill of those
+                # joining now stalls them, so it counts in their inter-token latency. Joiners' previous token
+                # comes at the end of their prefill.
+                step_started = time.perf_counter() if self._running else 0.0
                 self._admit()
+                if self._metrics is not None:
+                    self._report_sequences(self._metrics)
                 if not self._running:
                     self._wakeup.wait()
                     self._wakeup.clear()
                     continue
+                step_started = step_started or time.perf_counter()
                 try:
                     self._decode_step()
                 except Exception as exc:
                     logger.exception("decode step failed")
                     self._fail_running(exc)
+                    continue
+                if self._metrics is not None:
+                    self._metrics.inter_token(time.perf_counter() - step_started)
+
+    def _report_sequences(self, metrics: ChatMetrics) -> None:
+        # Only on change: most steps change neither count, and a gauge update costs more than this comparison.
+        counts = (len(self._running), len(self._waiting))
+        if counts != self._reported_sequences:
+            self._reported_sequences = counts
+            metrics.sequences(*counts)
 
     def _admit(self) -> None:
         """Prefill waiting requests, several per forward pass, within the prefill token budget."""

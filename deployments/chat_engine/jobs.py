@@ -11,8 +11,12 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from serve_app.protocol.engine import GenerateRequest, GenerationChunk
+
+if TYPE_CHECKING:
+    from serve_app.metrics import ChatMetrics
 
 Emitted = GenerationChunk | BaseException
 
@@ -35,11 +39,14 @@ class Engine:
     `stream_interval_s` batches a stream's increments in time: every message costs CPU in three processes
     (replica, ingress, proxy), so sending one per token starves the model on a small machine. The first
     increment always goes out at once, so time to first token does not change.
+
+    `metrics` records the engine's inter-token latency and sequence counts; None (no Ray replica) records nothing.
     """
 
-    def __init__(self, stream_interval_s: float = 0.0) -> None:
+    def __init__(self, stream_interval_s: float = 0.0, metrics: ChatMetrics | None = None) -> None:
         self._jobs = JobCounter()
         self._stream_interval_s = stream_interval_s
+        self._metrics = metrics
 
     @property
     def active_sequences(self) -> int:
@@ -51,6 +58,9 @@ class Engine:
 
     def _submit(self, job: Job) -> None:
         raise NotImplementedError
+
+    def check_alive(self) -> None:
+        """Raise if the engine can no longer serve (for the replica's health check)."""
 
     def close(self) -> None:
         pass

@@ -6,9 +6,10 @@ remote code, which keeps its own cache format): correct and simple, one conversa
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -18,14 +19,21 @@ from deployments.chat_engine.jobs import Engine, Job
 from deployments.chat_engine.text_output import TextOutput
 from serve_app.protocol.engine import FinishReason, GenerationChunk
 
+if TYPE_CHECKING:
+    from serve_app.metrics import ChatMetrics
+
 
 class _JobStreamer(BaseStreamer):
     """Receives each generated token from `generate`, turns it into text and emits it."""
 
-    def __init__(self, job: Job, output: TextOutput, end_token_ids: frozenset[int]) -> None:
+    def __init__(
+        self, job: Job, output: TextOutput, end_token_ids: frozenset[int], metrics: ChatMetrics | None
+    ) -> None:
         self._job = job
         self._output = output
         self._end_ids = end_token_ids
+        self._metrics = metrics
+        self._last_token_at = 0.0
         self._prompt_seen = False
         self.completion_tokens = 0
         self.ended_on_end_token = False
@@ -35,6 +43,11 @@ class _JobStreamer(BaseStreamer):
             self._prompt_seen = True
             return
         ids = value.reshape(-1).tolist()
+        if self._metrics is not None:  # one generate() step costs far more than this
+            now = time.perf_counter()
+            if self.completion_tokens:
+                self._metrics.inter_token(now - self._last_token_at)
+            self._last_token_at = now
         self.completion_tokens += len(ids)
         text_ids = [i for i in ids if i not in self._end_ids]
         self.ended_on_end_token = len(text_ids) < len(ids)
@@ -59,9 +72,14 @@ class _StopWhen(StoppingCriteria):
 
 class SequentialEngine(Engine):
     def __init__(
-        self, model: Any, tokenizer: Any, end_token_ids: list[int], stream_interval_s: float = 0.0
+        self,
+        model: Any,
+        tokenizer: Any,
+        end_token_ids: list[int],
+        stream_interval_s: float = 0.0,
+        metrics: ChatMetrics | None = None,
     ) -> None:
-        super().__init__(stream_interval_s)
+        super().__init__(stream_interval_s, metrics)
         self._model = model
         self._tokenizer = tokenizer
         self._end_ids = frozenset(end_token_ids)
@@ -73,15 +91,24 @@ class SequentialEngine(Engine):
     def _run(self, job: Job) -> None:
         if job.cancelled.is_set():
             return
+        self._report_sequences(running=1)
         try:
             job.emit(self._generate(job))
         except BaseException as exc:  # noqa: BLE001 - reported to the waiting request, never lost in the executor
             job.emit(exc)
+        finally:
+            self._report_sequences(running=0)
+
+    def _report_sequences(self, running: int) -> None:
+        # The jobs still counted active but not running wait in the executor's queue (the running one leaves the
+        # count only when its stream ends on the event loop, so at the end it is still in it too).
+        if self._metrics is not None:
+            self._metrics.sequences(running, max(self._jobs.active - 1, 0))
 
     def _generate(self, job: Job) -> GenerationChunk:
         request, sampling = job.request, job.request.sampling
         output = TextOutput(self._tokenizer, request.prompt_token_ids, sampling.stop)
-        streamer = _JobStreamer(job, output, self._end_ids)
+        streamer = _JobStreamer(job, output, self._end_ids, self._metrics)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         input_ids = torch.tensor([request.prompt_token_ids], device=self._model.device)

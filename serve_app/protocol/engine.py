@@ -13,6 +13,11 @@ import numpy as np
 
 FinishReason = Literal["stop", "length"]
 
+# Sampling runs in float32: a temperature, repetition_penalty or top_p below this turns into inf or 0 there
+# (a fuzzed 5e-324 gave NaN probabilities and failed the whole batch), so they are raised to it; a temperature
+# that small samples like greedy anyway and becomes greedy, as in vLLM.
+_SAMPLING_EPS = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -23,6 +28,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.temperature < _SAMPLING_EPS:
+            object.__setattr__(self, "temperature", 0.0)
+        object.__setattr__(self, "top_p", max(self.top_p, _SAMPLING_EPS))
+        object.__setattr__(self, "repetition_penalty", max(self.repetition_penalty, _SAMPLING_EPS))
 
     @property
     def greedy(self) -> bool:

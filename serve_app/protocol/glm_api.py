@@ -6,7 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.protocol.openai import ChatCompletionRequest, ChatMessage
+from serve_app.protocol.engine import FinishReason
+from serve_app.protocol.openai import AssistantMessage, ChatCompletionRequest, ChatMessage, UsageInfo
 
 GLM_DEFAULT_MAX_TOKENS = 4096
 
@@ -45,9 +46,48 @@ class GlmChatRequest(BaseModel):
         )
 
 
+class GlmChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReason
+
+
+class GlmChatCompletion(BaseModel):
+    model: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    choices: list[GlmChatChoice]
+    usage: UsageInfo
+
+
+class GlmChunkChoice(BaseModel):
+    index: int = 0
+    delta: dict[str, str]  # {"role"} first, then {"content"}, and {} with the finish reason
+    finish_reason: FinishReason | None = None
+
+
+class GlmChatChunk(BaseModel):
+    """One `data:` event of a streamed /chat."""
+
+    model: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    choices: list[GlmChunkChoice]
+
+
+class GlmStreamErrorInfo(BaseModel):
+    message: str
+
+
+class GlmStreamError(BaseModel):
+    """The event a stream that fails after it started sends before `[DONE]`."""
+
+    error: GlmStreamErrorInfo
+
+
 class GlmEmbeddingRequest(BaseModel):
     model: str | None = None
-    prompt: Annotated[list[str], Field(min_length=1)]
+    prompt: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
 
 
 class GlmEmbeddingResponse(BaseModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -51,6 +51,25 @@ class WebChatResponse(BaseModel):
     response: str
     history: list[list[str]]
     success: bool = True
+
+
+class WebStreamDelta(BaseModel):
+    """A /stream event while text arrives: the new text and the whole reply so far."""
+
+    delta: str
+    response: str
+    finished: Literal[False] = False
+
+
+class WebStreamEnd(BaseModel):
+    """The last /stream event: the whole reply and the history with it; `error` only if generation failed."""
+
+    query: str
+    delta: Literal["[EOS]"] = "[EOS]"
+    response: str
+    history: list[list[str]]
+    finished: Literal[True] = True
+    error: str | None = None
 
 
 class ClearResponse(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from serve_app.config import LimitsConfig
 from serve_app.registry import ModelRegistry
 from serve_app.serving.chat import ChatService
 from serve_app.serving.embeddings import EmbeddingService
@@ -13,6 +14,10 @@ from serve_app.serving.seeds import GlmApiService, WebDemoService
 # async on purpose: FastAPI runs plain `def` dependencies on its thread pool, a hop per request we do not need.
 async def registry(request: Request) -> ModelRegistry:
     return request.app.state.registry  # type: ignore[no-any-return]
+
+
+async def limits(request: Request) -> LimitsConfig:
+    return request.app.state.limits  # type: ignore[no-any-return]
 
 
 async def chat_service(request: Request) -> ChatService:

@@ -8,13 +8,16 @@ import orjson
 from fastapi import APIRouter, Body, Depends, Response
 from pydantic import Discriminator, Tag
 
-from serve_app.errors import SeedRoute
+from serve_app.errors import SEED_ERROR_RESPONSES, SeedRoute
 from serve_app.protocol.glm_api import (
+    GlmChatChunk,
+    GlmChatCompletion,
     GlmChatRequest,
     GlmEmbeddingRequest,
     GlmEmbeddingResponse,
     GlmModelCard,
     GlmModelList,
+    GlmStreamError,
 )
 from serve_app.protocol.openai import EmbeddingRequest
 from serve_app.protocol.web_demo import WebChatRequest, WebChatResponse
@@ -22,9 +25,16 @@ from serve_app.registry import ModelRegistry
 from serve_app.routes import deps
 from serve_app.serving.embeddings import EmbeddingService
 from serve_app.serving.seeds import GlmApiService, WebDemoService
-from serve_app.sse import event_stream
+from serve_app.sse import event_stream, event_stream_doc
 
-router = APIRouter(tags=["glm-api"], route_class=SeedRoute)
+router = APIRouter(tags=["glm-api"], route_class=SeedRoute, responses=SEED_ERROR_RESPONSES)
+
+_CHAT_STREAM = event_stream_doc(
+    "GLM-API's completion, or the web demo's answer for a `query` body (JSON); with `stream: true` GLM-API's "
+    "chunks as server-sent events ending with `[DONE]`",
+    [GlmChatChunk, GlmStreamError],
+    done=True,
+)
 
 
 def _which_seed(body: Any) -> str:
@@ -37,12 +47,12 @@ SeedChatBody = Annotated[
 ]
 
 
-@router.post("/chat", response_model=None)
+@router.post("/chat", response_model=GlmChatCompletion | WebChatResponse, responses={200: _CHAT_STREAM})
 async def seed_chat(
     request: Annotated[SeedChatBody, Body()],
     glm_api: Annotated[GlmApiService, Depends(deps.glm_api_service)],
     web_demo: Annotated[WebDemoService, Depends(deps.web_demo_service)],
-) -> Response | dict[str, Any] | WebChatResponse:
+) -> Response | GlmChatCompletion | WebChatResponse:
     if isinstance(request, WebChatRequest):
         return await web_demo.complete(request, await web_demo.prepare(request))
     prepared = await glm_api.prepare(request)

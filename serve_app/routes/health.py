@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.protocol.health import HealthOk, HealthUnavailable
 from serve_app.registry import ModelRegistry
 from serve_app.routes import deps
 
@@ -24,12 +25,17 @@ async def _status(handle: DeploymentHandle) -> dict[str, Any] | None:
         return None
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    response_model=HealthOk,
+    responses={503: {"model": HealthUnavailable, "description": "Some deployment did not answer"}},
+)
 async def health(registry: Annotated[ModelRegistry, Depends(deps.registry)]) -> JSONResponse:
     """Every deployment's own figures (a chat replica's active sequences, for one); 503 if any is silent."""
     deployments = registry.deployments()
     answers = dict(zip(deployments, await asyncio.gather(*(_status(h) for h in deployments.values()))))
-    failing = [name for name, answer in answers.items() if answer is None]
-    if failing:
-        return JSONResponse({"status": "unavailable", "failing": failing}, status_code=503)
-    return JSONResponse({"status": "ok", "deployments": answers})
+    healthy = {name: answer for name, answer in answers.items() if answer is not None}
+    if len(healthy) < len(answers):
+        failing = [name for name in answers if name not in healthy]
+        return JSONResponse(HealthUnavailable(failing=failing).model_dump(), status_code=503)
+    return JSONResponse(HealthOk(deployments=healthy).model_dump())

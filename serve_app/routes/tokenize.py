@@ -12,6 +12,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends
 from pydantic import Discriminator, Tag
 
+from serve_app.config import LimitsConfig
+from serve_app.errors import OPENAI_ERROR_RESPONSES, ServingRoute
+from serve_app.limits import check_chat_messages, check_prompt
 from serve_app.protocol.engine import ChatPrompt
 from serve_app.protocol.glm_api import GlmTokenizeRequest, GlmTokenizeResponse
 from serve_app.protocol.tokenize import (
@@ -23,7 +26,7 @@ from serve_app.protocol.tokenize import (
 from serve_app.registry import ModelRegistry
 from serve_app.routes import deps
 
-router = APIRouter(tags=["tokenizer"])
+router = APIRouter(tags=["tokenizer"], route_class=ServingRoute, responses=OPENAI_ERROR_RESPONSES)
 
 
 def _dialect(body: Any) -> str:
@@ -36,20 +39,39 @@ TokenizeBody = Annotated[
 ]
 
 
-@router.post("/tokenize", response_model=TokenizeResponse | GlmTokenizeResponse)
+# An OpenAPI link: vLLM's token ids go back through /detokenize (schemathesis' stateful tests follow it).
+_DETOKENIZE_LINK = {
+    "description": "The token ids (vLLM's body) or ids and pieces (GLM-API's)",
+    "links": {
+        "Detokenize": {
+            "operationRef": "#/paths/~1detokenize/post",
+            "requestBody": {"tokens": "$response.body#/tokens"},
+        }
+    },
+}
+
+
+@router.post(
+    "/tokenize", response_model=TokenizeResponse | GlmTokenizeResponse, responses={200: _DETOKENIZE_LINK}
+)
 async def tokenize(
-    request: Annotated[TokenizeBody, Body()], registry: Annotated[ModelRegistry, Depends(deps.registry)]
+    request: Annotated[TokenizeBody, Body()],
+    registry: Annotated[ModelRegistry, Depends(deps.registry)],
+    limits: Annotated[LimitsConfig, Depends(deps.limits)],
 ) -> TokenizeResponse | GlmTokenizeResponse:
     model = registry.chat(request.model).name
     if isinstance(request, GlmTokenizeRequest):
+        check_prompt(limits, request.prompt)
         ids, pieces = await registry.tokenizer.pieces.remote(model, request.prompt)
         return GlmTokenizeResponse(tokenIds=ids[: request.max_tokens], tokens=pieces, model=model)
     if request.messages is not None:
         messages = [m.for_template() for m in request.messages]
+        check_chat_messages(limits, [m["content"] for m in messages])
         prompt: ChatPrompt = await registry.tokenizer.render_chat.remote(
             model, messages, request.add_generation_prompt
         )
     else:
+        check_prompt(limits, request.prompt)
         prompt = await registry.tokenizer.encode.remote(model, request.prompt, request.add_special_tokens)
     return TokenizeResponse(
         tokens=prompt.token_ids, count=len(prompt.token_ids), max_model_len=prompt.max_model_len

@@ -17,7 +17,11 @@ _STATIC = Path(__file__).resolve().parents[1] / "static"
 _ASSETS = {"app.js": "text/javascript", "markdown.js": "text/javascript", "style.css": "text/css"}
 
 
-@router.get("/", response_class=FileResponse)
+@router.get(
+    "/",
+    response_class=FileResponse,
+    responses={200: {"description": "The page", "content": {"text/html": {"schema": {"type": "string"}}}}},
+)
 async def web_chat_page() -> FileResponse:
     """The chat page; it talks to /v1/models and /v1/chat/completions like any other client."""
     return FileResponse(str(_STATIC / "index.html"), media_type="text/html")

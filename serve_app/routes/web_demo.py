@@ -7,17 +7,23 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 
-from serve_app.errors import SeedRoute
-from serve_app.protocol.web_demo import ClearResponse, WebChatRequest
+from serve_app.errors import SEED_ERROR_RESPONSES, SeedRoute
+from serve_app.protocol.web_demo import ClearResponse, WebChatRequest, WebStreamDelta, WebStreamEnd
 from serve_app.registry import ModelRegistry
 from serve_app.routes import deps
 from serve_app.serving.seeds import WebDemoService
-from serve_app.sse import event_stream
+from serve_app.sse import event_stream, event_stream_doc
 
-router = APIRouter(tags=["web-demo"], route_class=SeedRoute)
+router = APIRouter(tags=["web-demo"], route_class=SeedRoute, responses=SEED_ERROR_RESPONSES)
+
+_STREAM = event_stream_doc(
+    "`delta` events while the reply arrives, then one with `finished: true` and the history",
+    [WebStreamDelta, WebStreamEnd],
+    event="delta",
+)
 
 
-@router.post("/stream")
+@router.post("/stream", response_class=Response, responses={200: _STREAM})
 async def seed_stream(
     request: WebChatRequest, web_demo: Annotated[WebDemoService, Depends(deps.web_demo_service)]
 ) -> Response:

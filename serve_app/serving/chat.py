@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import cast
 
-from serve_app.errors import APIError, InvalidRequest, error_body
+from serve_app.config import LimitsConfig
+from serve_app.errors import APIError, InvalidRequest, error_body, serving_failure
+from serve_app.limits import cap_completion_tokens, check_chat_messages
 from serve_app.protocol.engine import ChatPrompt, FinishReason, GenerateRequest, GenerationChunk
 from serve_app.protocol.openai import (
     AssistantMessage,
@@ -31,10 +33,12 @@ logger = logging.getLogger("glm_serve")
 
 @dataclass(frozen=True)
 class PreparedChat:
-    """A request that passed every check and is ready for the chat deployment."""
+    """A request that passed every check and that the chat deployment has accepted and started generating."""
 
     model: ModelHandle
     generate: GenerateRequest
+    # The engine's increments, read once; the last one carries the finish reason.
+    chunks: AsyncIterator[GenerationChunk]
 
     @property
     def prompt_tokens(self) -> int:
@@ -69,24 +73,29 @@ def completion_budget(prompt: ChatPrompt, requested: int | None, fit_to_window: 
 
 
 class ChatService:
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, limits: LimitsConfig | None = None) -> None:
         self._registry = registry
+        self._limits = limits or LimitsConfig()
 
     async def prepare(self, request: ChatCompletionRequest, fit_to_window: bool = False) -> PreparedChat:
         model = self._registry.chat(request.model)
         messages = [message.for_template() for message in request.messages]
+        check_chat_messages(self._limits, [message["content"] for message in messages])
+        requested, fit_to_window = cap_completion_tokens(
+            self._limits, request.requested_max_tokens, request.max_tokens_param, fit_to_window
+        )
         prompt: ChatPrompt = await self._registry.tokenizer.render_chat.remote(model.name, messages)
-        max_tokens = completion_budget(prompt, request.requested_max_tokens, fit_to_window)
+        max_tokens = completion_budget(prompt, requested, fit_to_window)
         generate = GenerateRequest(
             request_id=uuid.uuid4().hex,
             prompt_token_ids=prompt.token_ids,
             sampling=request.to_sampling_params(max_tokens),
         )
-        return PreparedChat(model, generate)
+        return PreparedChat(model, generate, await _started(model, generate))
 
     def chunks(self, prepared: PreparedChat) -> AsyncIterator[GenerationChunk]:
         """The engine's increments; the last one carries the finish reason."""
-        return cast(AsyncIterator[GenerationChunk], prepared.model.handle.generate.remote(prepared.generate))
+        return prepared.chunks
 
     async def complete(self, prepared: PreparedChat) -> ChatCompletionResponse:
         text, last = [], None
@@ -129,6 +138,20 @@ class ChatService:
         yield DONE
 
 
+async def _started(model: ModelHandle, generate: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+    """Send the request and wait for its first increment, so that a refusal (the deployment's queue is full) or a
+    lost replica is raised while the answer can still be a status code, not an error event inside a 200 stream."""
+    chunks = cast(AsyncIterator[GenerationChunk], model.handle.generate.remote(generate))
+    first = await anext(chunks)
+
+    async def from_first() -> AsyncIterator[GenerationChunk]:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return from_first()
+
+
 class _ChunkFramer:
     def __init__(self, model: str, include_usage: bool) -> None:
         self._id = new_completion_id()
@@ -153,5 +176,9 @@ def stream_failure(exc: Exception) -> APIError:
     """What a client is told when its stream breaks after it started (too late for a status code)."""
     if isinstance(exc, APIError):
         return exc
+    lost = serving_failure(exc)  # the replica died: say so, as a refused request would be told
+    if lost is not None:
+        logger.warning("chat stream lost its replica: %s", exc)
+        return lost
     logger.error("chat stream failed mid-way", exc_info=exc)
     return APIError("The model failed while generating this reply.")

@@ -8,15 +8,18 @@ import numpy as np
 import orjson
 from fastapi import Response
 
+from serve_app.config import LimitsConfig
 from serve_app.errors import InvalidRequest
+from serve_app.limits import check_embedding_inputs
 from serve_app.protocol.engine import Embeddings
 from serve_app.protocol.openai import EmbeddingRequest
 from serve_app.registry import ModelRegistry
 
 
 class EmbeddingService:
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, limits: LimitsConfig | None = None) -> None:
         self._registry = registry
+        self._limits = limits or LimitsConfig()
         self._dimensions: dict[str, int] = {}
 
     async def dimension(self, model: str) -> int:
@@ -27,6 +30,7 @@ class EmbeddingService:
     async def embed(self, request: EmbeddingRequest) -> tuple[str, Embeddings]:
         """The model that served the request (the default one if it named none) and its vectors."""
         model = self._registry.embedding(request.model)
+        check_embedding_inputs(self._limits, request.texts)
         if request.dimensions is not None:
             dimensions = await self.dimension(model.name)
             if request.dimensions != dimensions:

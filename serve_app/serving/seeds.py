@@ -6,14 +6,23 @@ answer, so each gets a small framer here; prompts, limits and generation are Cha
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
-from typing import Any
+
+from pydantic import BaseModel
 
 from serve_app.errors import InvalidRequest
-from serve_app.protocol.glm_api import GlmChatRequest
-from serve_app.protocol.openai import now
-from serve_app.protocol.web_demo import WebChatRequest, WebChatResponse
+from serve_app.protocol.engine import FinishReason
+from serve_app.protocol.glm_api import (
+    GlmChatChoice,
+    GlmChatChunk,
+    GlmChatCompletion,
+    GlmChatRequest,
+    GlmChunkChoice,
+    GlmStreamError,
+    GlmStreamErrorInfo,
+)
+from serve_app.protocol.openai import AssistantMessage, now
+from serve_app.protocol.web_demo import WebChatRequest, WebChatResponse, WebStreamDelta, WebStreamEnd
 from serve_app.serving.chat import ChatService, PreparedChat, stream_failure
 from serve_app.sse import DONE, data_event
 
@@ -29,35 +38,28 @@ class GlmApiService:
             )  # GLM-API's own answer to a chat that ends with the assistant
         return await self._chat.prepare(request.to_openai(), fit_to_window=True)
 
-    async def complete(self, prepared: PreparedChat) -> dict[str, Any]:
+    async def complete(self, prepared: PreparedChat) -> GlmChatCompletion:
         answer = await self._chat.complete(prepared)
         choice = answer.choices[0]
-        return {
-            "model": answer.model,
-            "object": "chat.completion",
-            "created": answer.created,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": choice.message.content.strip()},
-                    "finish_reason": choice.finish_reason,
-                }
+        return GlmChatCompletion(
+            model=answer.model,
+            created=answer.created,
+            choices=[
+                GlmChatChoice(
+                    message=AssistantMessage(content=choice.message.content.strip()),
+                    finish_reason=choice.finish_reason,
+                )
             ],
-            "usage": answer.usage.model_dump(),
-        }
+            usage=answer.usage,
+        )
 
     async def stream(self, prepared: PreparedChat, increments: bool) -> AsyncIterator[str]:
         """`data:` events: the role, then the new text (`increments`) or the whole text so far, then the finish."""
         created, model = now(), prepared.model.name
 
-        def event(delta: dict[str, str], finish_reason: str | None = None) -> str:
-            chunk = {
-                "model": model,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-            }
-            return data_event(json.dumps(chunk, ensure_ascii=False))
+        def event(delta: dict[str, str], finish_reason: FinishReason | None = None) -> str:
+            choice = GlmChunkChoice(delta=delta, finish_reason=finish_reason)
+            return data_event(GlmChatChunk(model=model, created=created, choices=[choice]).model_dump_json())
 
         yield event({"role": "assistant"})
         text = ""
@@ -69,7 +71,8 @@ class GlmApiService:
                 if chunk.finish_reason is not None:
                     yield event({}, chunk.finish_reason)
         except Exception as exc:  # noqa: BLE001 - told to the client, then the stream ends properly
-            yield data_event(json.dumps({"error": {"message": stream_failure(exc).message}}))
+            failure = GlmStreamError(error=GlmStreamErrorInfo(message=stream_failure(exc).message))
+            yield data_event(failure.model_dump_json())
         yield DONE
 
 
@@ -89,26 +92,17 @@ class WebDemoService:
     async def stream(self, request: WebChatRequest, prepared: PreparedChat) -> AsyncIterator[str]:
         """`event: delta` events while text arrives, then one `finished: true` event with the history."""
 
-        def event(payload: dict[str, Any]) -> str:
-            return f"event: delta\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        def event(payload: BaseModel) -> str:
+            return f"event: delta\ndata: {payload.model_dump_json(exclude_none=True)}\n\n"
 
         response = ""
-        final: dict[str, Any] = {}
+        error = None
         try:
             async for chunk in self._chat.chunks(prepared):
                 if chunk.text:
                     response += chunk.text
-                    yield event({"delta": chunk.text, "response": response, "finished": False})
+                    yield event(WebStreamDelta(delta=chunk.text, response=response))
         except Exception as exc:  # noqa: BLE001 - the last event says what went wrong
-            final = {"error": stream_failure(exc).message}
+            error = stream_failure(exc).message
         history = request.history_after(response)
-        yield event(
-            {
-                "query": request.query,
-                "delta": "[EOS]",
-                "response": response,
-                "history": history,
-                "finished": True,
-                **final,
-            }
-        )
+        yield event(WebStreamEnd(query=request.query, response=response, history=history, error=error))

@@ -7,7 +7,13 @@ const ui = {
   model: $("model"), temperature: $("temperature"), maxTokens: $("max-tokens"), newChat: $("new-chat"),
   messages: $("messages"), empty: $("empty"), composer: $("composer"), prompt: $("prompt"),
   send: $("send"), stop: $("stop"), status: $("status"),
+  keyDialog: $("key-dialog"), keyMessage: $("key-message"), apiKey: $("api-key"),
 };
+
+// The API key, when the server wants one: asked for on the first 401, then kept for this tab (and its reloads)
+// only, and sent as `Authorization: Bearer` on every request.
+const KEY_STORAGE = "glm-serve.api-key";
+let keyPrompt = null; // the open key dialog: requests refused at the same time all wait for the same answer
 
 // Finished exchanges only, as the server wants them: [{role, content}, ...]. A turn that failed before any
 // text arrived is left out, so the next request never carries a question without its answer.
@@ -15,9 +21,45 @@ let history = [];
 let inFlight = null; // the AbortController of the reply being streamed
 let conversation = 0; // bumped by "New chat", so that a reply stopped by it is not saved into the new one
 
+// Resolves to the key typed in, or "" if the user cancelled.
+function askForKey(message) {
+  keyPrompt ??= new Promise((resolve) => {
+    ui.keyMessage.textContent = message;
+    ui.apiKey.value = "";
+    ui.keyDialog.returnValue = "";
+    ui.keyDialog.addEventListener(
+      "close",
+      () => {
+        keyPrompt = null;
+        resolve(ui.keyDialog.returnValue === "ok" ? ui.apiKey.value.trim() : "");
+      },
+      { once: true },
+    );
+    ui.keyDialog.showModal();
+  });
+  return keyPrompt;
+}
+
+// fetch with the key; a 401 asks for a key (again, if the one sent was refused) and sends the request again.
+async function apiFetch(url, init = {}) {
+  for (;;) {
+    const key = sessionStorage.getItem(KEY_STORAGE);
+    const headers = new Headers(init.headers);
+    if (key) headers.set("Authorization", `Bearer ${key}`);
+    const response = await fetch(url, { ...init, headers });
+    if (response.status !== 401) return response;
+    sessionStorage.removeItem(KEY_STORAGE);
+    const entered = await askForKey(
+      key ? "That key was refused. Enter another one." : "This server needs an API key.",
+    );
+    if (!entered) return response; // cancelled: the caller shows the server's 401 message
+    sessionStorage.setItem(KEY_STORAGE, entered);
+  }
+}
+
 async function loadModels() {
   try {
-    const response = await fetch("v1/models");
+    const response = await apiFetch("v1/models");
     if (!response.ok) throw new Error(`GET /v1/models answered ${response.status}`);
     const { data } = await response.json();
     // The server lists chat models first, the default one first of all: selecting option 0 picks it.
@@ -117,7 +159,7 @@ async function sendMessage(text) {
   inFlight = new AbortController();
   setBusy(true);
   try {
-    const response = await fetch("v1/chat/completions", {
+    const response = await apiFetch("v1/chat/completions", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ model, messages, stream: true, ...samplingParams() }),
