@@ -115,6 +115,10 @@ async def _burst_while_busy(url: str) -> list[tuple[bool, httpx.Response]]:
             pending: set[asyncio.Task[httpx.Response]] = set(tasks)
             while len(pending) > 1:
                 _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            # Full, not broken: /health keeps the server in a load balancer's rotation.
+            health = await client.get("/health")
+            assert health.status_code == 200, health.text
+            assert health.json()["deployments"]["chat:tiny-glm"] == {"saturated": True}
         # The long stream is closed here: its replica slot frees, and a queued request runs.
         answers = await asyncio.gather(*tasks)
     return [(openai_shape, answer) for (_, _, openai_shape), answer in zip(BURST, answers)]

@@ -78,10 +78,7 @@ class ContinuousBatchingEngine(Engine):
         stream_interval_s: float = 0.0,
         metrics: ChatMetrics | None = None,
     ) -> None:
-        super().__init__(stream_interval_s, metrics)
-        self._model = model
-        self._tokenizer = tokenizer
-        self._end_ids = frozenset(end_token_ids)
+        super().__init__(model, tokenizer, end_token_ids, stream_interval_s, metrics)
         self._max_model_len = max_model_len
         config = model.config.get_text_config()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

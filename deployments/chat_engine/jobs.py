@@ -11,7 +11,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from serve_app.protocol.engine import GenerateRequest, GenerationChunk
 
@@ -43,7 +43,17 @@ class Engine:
     `metrics` records the engine's inter-token latency and sequence counts; None (no Ray replica) records nothing.
     """
 
-    def __init__(self, stream_interval_s: float = 0.0, metrics: ChatMetrics | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        end_token_ids: list[int],
+        stream_interval_s: float = 0.0,
+        metrics: ChatMetrics | None = None,
+    ) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self._end_ids = frozenset(end_token_ids)
         self._jobs = JobCounter()
         self._stream_interval_s = stream_interval_s
         self._metrics = metrics

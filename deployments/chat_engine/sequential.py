@@ -79,10 +79,7 @@ class SequentialEngine(Engine):
         stream_interval_s: float = 0.0,
         metrics: ChatMetrics | None = None,
     ) -> None:
-        super().__init__(stream_interval_s, metrics)
-        self._model = model
-        self._tokenizer = tokenizer
-        self._end_ids = frozenset(end_token_ids)
+        super().__init__(model, tokenizer, end_token_ids, stream_interval_s, metrics)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
 
     def _submit(self, job: Job) -> None:

@@ -9,7 +9,8 @@ from pydantic import BaseModel
 
 class HealthOk(BaseModel):
     status: Literal["ok"] = "ok"
-    deployments: dict[str, dict[str, Any]]  # each one's own figures, e.g. a chat replica's active sequences
+    # Each one's own figures, e.g. a chat replica's active sequences; {"saturated": true} while its queue is full.
+    deployments: dict[str, dict[str, Any]]
 
 
 class HealthUnavailable(BaseModel):

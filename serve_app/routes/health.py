@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.protocol.health import HealthOk, HealthUnavailable
@@ -21,7 +22,11 @@ _TIMEOUT_S = 5.0
 async def _status(handle: DeploymentHandle) -> dict[str, Any] | None:
     try:
         return dict(await asyncio.wait_for(handle.status.remote(), _TIMEOUT_S))
-    except Exception:  # noqa: BLE001 - any failure to answer means not healthy
+    except BackPressureError:
+        # Its replicas are busy, not broken: a full queue must not take the server out of a load balancer's
+        # rotation, which would only pile the load onto fewer servers.
+        return {"saturated": True}
+    except Exception:  # noqa: BLE001 - any other failure to answer means not healthy
         return None
 
 
