@@ -55,6 +55,7 @@ from embeddings import (
     pct,
     peer_missing,
     ratio,
+    serve_until_sigterm,
     settle,
     stop_process,
     wait_http_ok,
@@ -659,27 +660,8 @@ def demo_app(cache_dir: str | None, chat_threads: int | None) -> Any:
 
 
 def serve_child(port: int, temp_dir: str, cache_dir: str | None, chat_threads: int | None) -> None:
-    """Runs in the server subprocess: glm-serve's demo profile with the benchmark model, until SIGTERM."""
-    from ray import serve
-
-    from serve_app.runtime import start_serve, stop_serve
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    start_serve(host="127.0.0.1", port=port, _temp_dir=temp_dir)
-    try:
-        logging_config = {"enable_access_log": False} if os.environ.get("BENCH_ACCESS_LOG") == "0" else None
-        serve.run(
-            demo_app(cache_dir, chat_threads),
-            name="glm-serve",
-            route_prefix="/",
-            logging_config=logging_config,
-        )
-        print("SERVE-CHILD-READY", flush=True)
-        while not stop.is_set():
-            stop.wait(0.5)
-    finally:
-        stop_serve()
+    """glm-serve's demo profile with the benchmark model, until SIGTERM."""
+    serve_until_sigterm(demo_app(cache_dir, chat_threads), port, temp_dir)
 
 
 def start_glm_serve(

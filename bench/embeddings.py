@@ -330,34 +330,28 @@ GLM_PROBES = {
 # The servers
 
 
-def serve_child(port: int, temp_dir: str) -> None:
-    """Runs in the server subprocess: glm-serve's demo profile on `port`, until SIGTERM."""
+def serve_until_sigterm(app: Any, port: int, temp_dir: str) -> None:
+    """Runs in a server subprocess (this one's and bench/chat.py's): `app` on `port` until SIGTERM."""
     import threading
 
-    from ray import serve
-
-    from serve_app.profiles import build_demo_app
-    from serve_app.runtime import start_serve, stop_serve
+    from serve_app.runtime import serving
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    start_serve(host="127.0.0.1", port=port, _temp_dir=temp_dir)
-    try:
-        cache_dir = os.environ.get("GLM_SERVE_CACHE")
-        # BENCH_ACCESS_LOG=0 measures the app with Serve's per-request access log lines off (a logging_config
-        # setting, not an environment variable, so the bench passes it to serve.run itself).
-        logging_config = {"enable_access_log": False} if os.environ.get("BENCH_ACCESS_LOG") == "0" else None
-        serve.run(
-            build_demo_app({"cache_dir": cache_dir}),
-            name="glm-serve",
-            route_prefix="/",
-            logging_config=logging_config,
-        )
+    # BENCH_ACCESS_LOG=0 measures the app with Serve's per-request access log lines off (a logging_config
+    # setting, not an environment variable, so the bench passes it to serve.run itself).
+    logging_config = {"enable_access_log": False} if os.environ.get("BENCH_ACCESS_LOG") == "0" else None
+    with serving(app, port=port, logging_config=logging_config, _temp_dir=temp_dir):
         print("SERVE-CHILD-READY", flush=True)
         while not stop.is_set():
             stop.wait(0.5)
-    finally:
-        stop_serve()
+
+
+def serve_child(port: int, temp_dir: str) -> None:
+    """glm-serve's demo profile on `port`, until SIGTERM."""
+    from serve_app.profiles import build_demo_app
+
+    serve_until_sigterm(build_demo_app({"cache_dir": os.environ.get("GLM_SERVE_CACHE")}), port, temp_dir)
 
 
 def start_glm_serve(port: int, env_overrides: dict[str, str], log_path: Path) -> subprocess.Popen:

@@ -137,25 +137,16 @@ def fuzz(base_url: str, examples: int, seed: int = 6, stateful_steps: int = 6) -
 @contextmanager
 def demo_app() -> Iterator[str]:
     """The demo profile on a private Ray, as the test session runs it."""
-    from ray import serve
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from serve_app.profiles import build_demo_app
-    from serve_app.runtime import start_serve, stop_serve, wait_until_healthy
+    from serve_app.runtime import serving
     from tests.conftest import _free_port
 
-    port = _free_port()
     ray_dir = tempfile.mkdtemp(prefix="ray-fuzz-", dir="/tmp")
     # The replicas log every request: kept in their log files rather than between this script's figures.
-    start_serve(port=port, _temp_dir=ray_dir, log_to_driver=False)
-    print(f"demo app on port {port}; replica logs under {ray_dir}/session_latest/logs/serve", flush=True)
-    try:
-        serve.run(build_demo_app(), name="glm-serve", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(url, timeout_s=300)
+    with serving(build_demo_app(), port=_free_port(), _temp_dir=ray_dir, log_to_driver=False) as url:
+        print(f"demo app at {url}; replica logs under {ray_dir}/session_latest/logs/serve", flush=True)
         yield url
-    finally:
-        stop_serve()
 
 
 def main() -> int:

@@ -16,11 +16,7 @@ from serve_app.serving.embeddings import EmbeddingService
 from serve_app.serving.seeds import GlmApiService, WebDemoService
 
 
-def create_app(
-    registry: ModelRegistry, access: AccessPolicy | None = None, limits: LimitsConfig | None = None
-) -> FastAPI:
-    access = access or AccessPolicy()
-    limits = limits or LimitsConfig()
+def create_app(registry: ModelRegistry, access: AccessPolicy, limits: LimitsConfig) -> FastAPI:
     app = FastAPI(title="glm-serve", version="0.1.0")
     app.state.registry = registry
     app.state.access = access

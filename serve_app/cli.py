@@ -12,30 +12,23 @@ import threading
 
 import httpx
 
-from serve_app.runtime import metrics_url, start_serve, stop_serve, wait_until_healthy
+from serve_app.runtime import metrics_url, serving
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ray import serve
-
     from serve_app.profiles import build_demo_app
 
-    start_serve(host=args.host, port=args.port, metrics_port=args.metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        serve.run(build_demo_app({"cache_dir": args.cache_dir}), name="glm-serve", route_prefix="/")
-        url = f"http://{args.host}:{args.port}"
-        wait_until_healthy(url, timeout_s=300)
+    app = build_demo_app({"cache_dir": args.cache_dir})
+    with serving(app, args.host, args.port, metrics_port=args.metrics_port) as url:
         models = [card["id"] for card in httpx.get(f"{url}/v1/models").json()["data"]]
         print(f"glm-serve is ready at {url}  (models: {', '.join(models)})", flush=True)
         print(f"Prometheus metrics (Ray's and glm-serve's): {metrics_url()}", flush=True)
         print("The tiny chat model has random weights: its replies are gibberish. Ctrl-C stops.", flush=True)
         while not stop.is_set():
             stop.wait(0.5)
-    finally:
-        stop_serve()
     return 0
 
 

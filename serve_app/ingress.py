@@ -24,14 +24,14 @@ class Ingress:
         embeddings: dict[str, DeploymentHandle],
         tokenizer: DeploymentHandle,
         cards: list[ModelCard],
-        security: SecurityConfig | None = None,
-        limits: LimitsConfig | None = None,
+        security: SecurityConfig,
+        limits: LimitsConfig,
     ) -> None:
         self._registry = ModelRegistry(chat, embeddings, tokenizer, cards)
         # Keys come from this replica's environment (e.g. a Kubernetes Secret); a required key that is missing
         # fails the replica here, so the deployment reports why instead of serving an open API.
-        self._access = AccessPolicy.from_config(security or SecurityConfig(), os.environ)
-        self._limits = limits or LimitsConfig()
+        self._access = AccessPolicy.from_config(security, os.environ)
+        self._limits = limits
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Called by Serve after __init__, so the app is built around this replica's handles.

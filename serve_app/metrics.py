@@ -11,7 +11,7 @@ This module imports nothing of FastAPI: the deployments use it too.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
@@ -29,8 +29,10 @@ _BATCH_BOUNDARIES: list[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 _Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
 
 
-def _per_model(metric: _Metric, model: str) -> _Metric:
-    metric.set_default_tags({"model": model})  # Serve's override returns None, not the metric
+def _per_model(kind: type[_Metric], name: str, description: str, model: str, **options: Any) -> _Metric:
+    """A metric of one replica's model: tagged `model` (Serve adds deployment, replica and application)."""
+    metric = kind(name, description=description, tag_keys=("model",), **options)
+    metric.set_default_tags({"model": model})
     return metric
 
 
@@ -53,56 +55,37 @@ class ChatMetrics:
     """A chat replica: tokens in and out, latencies, and how full its batch is."""
 
     def __init__(self, model: str) -> None:
-        by_model = ("model",)
         self._prompt_tokens = _per_model(
-            Counter(
-                "glm_serve_prompt_tokens",
-                description="Prompt tokens of the requests that started generating.",
-                tag_keys=by_model,
-            ),
+            Counter,
+            "glm_serve_prompt_tokens",
+            "Prompt tokens of the requests that started generating.",
             model,
         )
         self._completion_tokens = _per_model(
-            Counter(
-                "glm_serve_completion_tokens",
-                description="Tokens generated, for requests that finished or whose client went away.",
-                tag_keys=by_model,
-            ),
+            Counter,
+            "glm_serve_completion_tokens",
+            "Tokens generated, for requests that finished or whose client went away.",
             model,
         )
         self._time_to_first_token = _per_model(
-            Histogram(
-                "glm_serve_time_to_first_token_seconds",
-                description="From a request reaching the chat replica to its first text.",
-                boundaries=_TTFT_BOUNDARIES,
-                tag_keys=by_model,
-            ),
+            Histogram,
+            "glm_serve_time_to_first_token_seconds",
+            "From a request reaching the chat replica to its first text.",
             model,
+            boundaries=_TTFT_BOUNDARIES,
         )
         self._inter_token_latency = _per_model(
-            Histogram(
-                "glm_serve_inter_token_latency_seconds",
-                description="Time between two tokens of the running sequences: one sample per decode step.",
-                boundaries=_INTER_TOKEN_BOUNDARIES,
-                tag_keys=by_model,
-            ),
+            Histogram,
+            "glm_serve_inter_token_latency_seconds",
+            "Time between two tokens of the running sequences: one sample per decode step.",
             model,
+            boundaries=_INTER_TOKEN_BOUNDARIES,
         )
         self._active_sequences = _per_model(
-            Gauge(
-                "glm_serve_active_sequences",
-                description="Sequences being generated (in the running batch).",
-                tag_keys=by_model,
-            ),
-            model,
+            Gauge, "glm_serve_active_sequences", "Sequences being generated (in the running batch).", model
         )
         self._queued_sequences = _per_model(
-            Gauge(
-                "glm_serve_queued_sequences",
-                description="Sequences waiting for a place in the running batch.",
-                tag_keys=by_model,
-            ),
-            model,
+            Gauge, "glm_serve_queued_sequences", "Sequences waiting for a place in the running batch.", model
         )
         self.sequences(0, 0)
 
@@ -128,22 +111,18 @@ class EmbeddingMetrics:
 
     def __init__(self, model: str) -> None:
         self._batch_requests = _per_model(
-            Histogram(
-                "glm_serve_embedding_batch_requests",
-                description="Requests merged into one embedding forward pass (@serve.batch).",
-                boundaries=_BATCH_BOUNDARIES,
-                tag_keys=("model",),
-            ),
+            Histogram,
+            "glm_serve_embedding_batch_requests",
+            "Requests merged into one embedding forward pass (@serve.batch).",
             model,
+            boundaries=_BATCH_BOUNDARIES,
         )
         self._batch_inputs = _per_model(
-            Histogram(
-                "glm_serve_embedding_batch_inputs",
-                description="Input texts embedded by one forward pass.",
-                boundaries=_BATCH_BOUNDARIES,
-                tag_keys=("model",),
-            ),
+            Histogram,
+            "glm_serve_embedding_batch_inputs",
+            "Input texts embedded by one forward pass.",
             model,
+            boundaries=_BATCH_BOUNDARIES,
         )
 
     def batch(self, requests: int, inputs: int) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -53,6 +55,30 @@ def metrics_url() -> str:
     this_node = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["Alive"] and n["NodeID"] == this_node)
     return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+@contextmanager
+def serving(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    healthy_within_s: float = 300,
+    metrics_port: int | None = None,
+    logging_config: dict[str, Any] | None = None,
+    **ray_init: Any,
+) -> Iterator[str]:
+    """A local Ray + Serve running `app` at `/` on host:port for the block; yields its URL once /health is 200.
+    The demo, the tests, the fuzzer and the benchmarks' servers all start this way."""
+    from ray import serve
+
+    start_serve(host, port, metrics_port, **ray_init)
+    try:
+        serve.run(app, name="glm-serve", route_prefix="/", logging_config=logging_config)
+        url = f"http://{host}:{port}"
+        wait_until_healthy(url, timeout_s=healthy_within_s)
+        yield url
+    finally:
+        stop_serve()
 
 
 def stop_serve() -> None:

@@ -32,28 +32,21 @@ def tiny_glm_path() -> str:
 
 @pytest.fixture(scope="session")
 def base_url(tiny_glm_path: str) -> Iterator[str]:
-    from ray import serve
-
     from serve_app.profiles import build_demo_app
-    from serve_app.runtime import start_serve, stop_serve, wait_until_healthy
+    from serve_app.runtime import serving
 
-    port = _free_port()
     # A private temp dir (short: Ray's socket paths must fit 107 bytes) keeps runs from meeting each other.
     ray_dir = tempfile.mkdtemp(prefix="ray-glm-", dir="/tmp")
     # Metrics reach Ray's exporter every metrics_report_interval_ms (10 s by default): 1 s keeps test_metrics short.
-    start_serve(
-        port=port,
+    with serving(
+        build_demo_app(),
+        port=_free_port(),
+        healthy_within_s=180,
         _temp_dir=ray_dir,
         num_cpus=os.cpu_count() or 2,
         _system_config={"metrics_report_interval_ms": 1000},
-    )
-    try:
-        serve.run(build_demo_app(), name="glm-serve", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(url, timeout_s=180)
+    ) as url:
         yield url
-    finally:
-        stop_serve()
 
 
 @pytest.fixture(scope="session")

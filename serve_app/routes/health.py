@@ -39,8 +39,8 @@ async def health(registry: Annotated[ModelRegistry, Depends(deps.registry)]) -> 
     """Every deployment's own figures (a chat replica's active sequences, for one); 503 if any is silent."""
     deployments = registry.deployments()
     answers = dict(zip(deployments, await asyncio.gather(*(_status(h) for h in deployments.values()))))
-    healthy = {name: answer for name, answer in answers.items() if answer is not None}
-    if len(healthy) < len(answers):
-        failing = [name for name in answers if name not in healthy]
+    failing = [name for name, answer in answers.items() if answer is None]
+    if failing:
         return JSONResponse(HealthUnavailable(failing=failing).model_dump(), status_code=503)
+    healthy = {name: answer for name, answer in answers.items() if answer is not None}  # all of them, typed
     return JSONResponse(HealthOk(deployments=healthy).model_dump())

@@ -73,9 +73,9 @@ def completion_budget(prompt: ChatPrompt, requested: int | None, fit_to_window: 
 
 
 class ChatService:
-    def __init__(self, registry: ModelRegistry, limits: LimitsConfig | None = None) -> None:
+    def __init__(self, registry: ModelRegistry, limits: LimitsConfig) -> None:
         self._registry = registry
-        self._limits = limits or LimitsConfig()
+        self._limits = limits
 
     async def prepare(self, request: ChatCompletionRequest, fit_to_window: bool = False) -> PreparedChat:
         model = self._registry.chat(request.model)
@@ -93,13 +93,9 @@ class ChatService:
         )
         return PreparedChat(model, generate, await _started(model, generate))
 
-    def chunks(self, prepared: PreparedChat) -> AsyncIterator[GenerationChunk]:
-        """The engine's increments; the last one carries the finish reason."""
-        return prepared.chunks
-
     async def complete(self, prepared: PreparedChat) -> ChatCompletionResponse:
         text, last = [], None
-        async for chunk in self.chunks(prepared):
+        async for chunk in prepared.chunks:
             text.append(chunk.text)
             last = chunk
         assert last is not None and last.finish_reason is not None
@@ -124,7 +120,7 @@ class ChatService:
         yield frame.delta({"role": "assistant", "content": ""})
         completion_tokens = 0
         try:
-            async for chunk in self.chunks(prepared):
+            async for chunk in prepared.chunks:
                 completion_tokens = chunk.completion_tokens
                 if chunk.text:
                     yield frame.delta({"content": chunk.text})

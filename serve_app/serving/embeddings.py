@@ -17,9 +17,9 @@ from serve_app.registry import ModelRegistry
 
 
 class EmbeddingService:
-    def __init__(self, registry: ModelRegistry, limits: LimitsConfig | None = None) -> None:
+    def __init__(self, registry: ModelRegistry, limits: LimitsConfig) -> None:
         self._registry = registry
-        self._limits = limits or LimitsConfig()
+        self._limits = limits
         self._dimensions: dict[str, int] = {}
 
     async def dimension(self, model: str) -> int:

@@ -64,7 +64,7 @@ class GlmApiService:
         yield event({"role": "assistant"})
         text = ""
         try:
-            async for chunk in self._chat.chunks(prepared):
+            async for chunk in prepared.chunks:
                 if chunk.text:  # no event is ever empty
                     text += chunk.text
                     yield event({"content": chunk.text if increments else text})
@@ -98,7 +98,7 @@ class WebDemoService:
         response = ""
         error = None
         try:
-            async for chunk in self._chat.chunks(prepared):
+            async for chunk in prepared.chunks:
                 if chunk.text:
                     response += chunk.text
                     yield event(WebStreamDelta(delta=chunk.text, response=response))
