@@ -19,10 +19,16 @@ def _demo(args: argparse.Namespace) -> int:
     from serve_app.profiles import build_demo_app
 
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+
+    def stop_on_signals() -> None:
+        # After ray.init, whose own SIGTERM handler would abort the process without stopping Serve and Ray.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
     app = build_demo_app({"cache_dir": args.cache_dir})
-    with serving(app, args.host, args.port, metrics_port=args.metrics_port) as url:
+    with serving(
+        app, args.host, args.port, metrics_port=args.metrics_port, on_ray_started=stop_on_signals
+    ) as url:
         models = [card["id"] for card in httpx.get(f"{url}/v1/models").json()["data"]]
         print(f"glm-serve is ready at {url}  (models: {', '.join(models)})", flush=True)
         print(f"Prometheus metrics (Ray's and glm-serve's): {metrics_url()}", flush=True)

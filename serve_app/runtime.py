@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,6 +39,9 @@ def start_serve(
 
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
+    # address="local": always a new Ray of our own. Without it ray.init joins whatever cluster another process
+    # (a test's simulated cluster, a killed `ray start`) left in /tmp/ray/ray_current_cluster, and deploys there.
+    ray_init.setdefault("address", "local")
     ray.init(
         include_dashboard=False,
         logging_level=logging.WARNING,
@@ -65,14 +68,18 @@ def serving(
     healthy_within_s: float = 300,
     metrics_port: int | None = None,
     logging_config: dict[str, Any] | None = None,
+    on_ray_started: Callable[[], None] | None = None,
     **ray_init: Any,
 ) -> Iterator[str]:
     """A local Ray + Serve running `app` at `/` on host:port for the block; yields its URL once /health is 200.
-    The demo, the tests, the fuzzer and the benchmarks' servers all start this way."""
+    The demo, the tests, the fuzzer and the benchmarks' servers all start this way. `on_ray_started` runs right
+    after ray.init (which installs Ray's own SIGTERM handler), before the app deploys."""
     from ray import serve
 
     start_serve(host, port, metrics_port, **ray_init)
     try:
+        if on_ray_started is not None:
+            on_ray_started()
         serve.run(app, name="glm-serve", route_prefix="/", logging_config=logging_config)
         url = f"http://{host}:{port}"
         wait_until_healthy(url, timeout_s=healthy_within_s)
