@@ -7,11 +7,14 @@ The demo profile (serve_app/profiles.py, with its finite max_ongoing_requests / 
 subprocess; the load comes from this process (httpx, asyncio), half chat streams and half embedding requests.
   1. sustainable: closed loop, a few clients per kind that send again as soon as an answer is in: the request
      rates every request of which is served (200).
-  2. overload: open loop at 10x those rates for --overload-s: requests are sent on a clock, whatever the answers.
+  2. overload: open loop at 10x those rates for --overload-s: requests are sent on a clock, whatever the answers,
+     from --overload-processes client processes (one asyncio client cannot send that much on 2 cores, and its
+     backlog of answers to read must not delay the normal load's client).
      Counted: 200, 503 (back-pressure), any other status, client-side errors; latency of the 503s (they must be
      quick) and of the 200s; the RSS of the server's process tree (Ray's workers, raylet, GCS), sampled.
   3. normal: the sustainable closed loop again, started the moment the overload stops: how many succeed, and the
      time to the first 200.
+Closed-loop clients send a 503 again after its Retry-After, as the openai SDK does; the open loop does not wait.
 Figures go to stdout and to bench/results/overload.json.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -91,32 +95,42 @@ class Tally:
         return out
 
 
-async def chat_once(client: httpx.AsyncClient, tally: Tally) -> None:
+async def chat_once(client: httpx.AsyncClient, tally: Tally) -> float | None:
+    """One streamed chat request; returns the Retry-After of a 503 (None otherwise)."""
     start = time.monotonic()
     try:
         async with client.stream("POST", "/v1/chat/completions", json=CHAT_BODY) as response:
             if response.status_code != 200:
                 await response.aread()
                 tally.add(str(response.status_code), time.monotonic() - start, response)
-                return
+                return retry_after(response)
             lines = [line async for line in response.aiter_lines() if line]
         # A 200 stream counts as served only if it ran to [DONE] without an error event.
         clean = lines[-1:] == ["data: [DONE]"] and not any('"error"' in line for line in lines)
         tally.add("200" if clean else "200-broken", time.monotonic() - start)
     except httpx.HTTPError as exc:
         tally.add(f"client-{type(exc).__name__}", time.monotonic() - start)
+    return None
 
 
-async def embed_once(client: httpx.AsyncClient, tally: Tally) -> None:
+async def embed_once(client: httpx.AsyncClient, tally: Tally) -> float | None:
     start = time.monotonic()
     try:
         response = await client.post("/v1/embeddings", json=EMBED_BODY)
         tally.add(str(response.status_code), time.monotonic() - start, response)
+        return retry_after(response)
     except httpx.HTTPError as exc:
         tally.add(f"client-{type(exc).__name__}", time.monotonic() - start)
+    return None
 
 
-Send = Callable[[httpx.AsyncClient, Tally], Awaitable[None]]
+def retry_after(response: httpx.Response) -> float | None:
+    if response.status_code != 503:
+        return None
+    return float(response.headers.get("retry-after", "1"))
+
+
+Send = Callable[[httpx.AsyncClient, Tally], Awaitable[float | None]]
 KINDS: dict[str, Send] = {"chat": chat_once, "embeddings": embed_once}
 
 
@@ -127,8 +141,11 @@ async def closed_loop(
     deadline = time.monotonic() + seconds
 
     async def user(kind: str) -> None:
+        # As the openai SDK does: a 503 is sent again after its Retry-After.
         while time.monotonic() < deadline:
-            await KINDS[kind](client, tallies[kind])
+            wait = await KINDS[kind](client, tallies[kind])
+            if wait is not None:
+                await asyncio.sleep(min(wait, max(deadline - time.monotonic(), 0)))
 
     start = time.monotonic()
     await asyncio.gather(*(user(kind) for kind, n in clients.items() for _ in range(n)))
@@ -137,13 +154,13 @@ async def closed_loop(
 
 async def open_loop(
     client: httpx.AsyncClient, rates: dict[str, float], seconds: float, max_in_flight: int
-) -> tuple[dict[str, Tally], float, list[asyncio.Task[None]]]:
+) -> tuple[dict[str, Tally], float, list[asyncio.Task[float | None]]]:
     """Send each kind at its rate on a clock for `seconds`; returns the requests still in flight, unawaited.
 
     A request due while `max_in_flight` are outstanding is not sent (counted as `not-sent`): on a small machine
     this client is slower than the server's refusals, and an unbounded backlog here would measure the client."""
     tallies = {kind: Tally() for kind in KINDS}
-    in_flight: set[asyncio.Task[None]] = set()
+    in_flight: set[asyncio.Task[float | None]] = set()
     start = time.monotonic()
 
     async def clock(kind: str, rate: float) -> None:
@@ -218,13 +235,61 @@ def tree_rss_kib(root: int) -> int:
     return total
 
 
+def merge_phases(parts: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """One phase's figures from the summaries of the processes that shared it (percentiles: the worst part's)."""
+    merged: dict[str, Any] = {}
+    for kind in parts[0]:
+        figures = [part[kind] for part in parts]
+        statuses: dict[str, int] = {}
+        for one in figures:
+            for status, count in one["statuses"].items():
+                statuses[status] = statuses.get(status, 0) + count
+        total = sum(count for status, count in statuses.items() if status != "not-sent")
+        merged[kind] = {
+            "requests": total,
+            "per_s": total / seconds,
+            "statuses": dict(sorted(statuses.items())),
+            "ok_per_s": statuses.get("200", 0) / seconds,
+            "retry_after_missing": sum(one["retry_after_missing"] for one in figures),
+        }
+        for key in ("latency_200_ms", "latency_503_ms"):
+            present = [one[key] for one in figures if key in one]
+            if present:
+                merged[kind][key] = {stat: max(p[stat] for p in present) for stat in ("p50", "p99", "max")}
+    return merged
+
+
 def phase_summary(tallies: dict[str, Tally], seconds: float) -> dict[str, Any]:
     return {kind: tally.summary(seconds) for kind, tally in tallies.items()}
 
 
+CLIENT_LIMITS = httpx.Limits(max_connections=4096, max_keepalive_connections=512)
+
+
+def overload_process(
+    base: str, rates: dict[str, float], seconds: float, max_in_flight: int, stopped: Any, out: Any
+) -> None:
+    """The overload's open loop, in a process of its own: its backlog of answers to read must not delay the
+    normal load's client, which starts when `stopped` is set. Puts its figures on `out`."""
+
+    async def main() -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=base, timeout=120, limits=CLIENT_LIMITS) as client:
+            tallies, sent_s, in_flight = await open_loop(client, rates, seconds, max_in_flight)
+            stopped.set()
+            drain_start = time.monotonic()
+            await asyncio.gather(*in_flight)
+            return {
+                "overload": phase_summary(tallies, sent_s),
+                "seconds": sent_s,
+                "in_flight_at_stop": len(in_flight),
+                "drained_s": time.monotonic() - drain_start,
+            }
+
+    out.put(asyncio.run(main()))
+
+
 async def run(base: str, args: argparse.Namespace, rss: TreeRss) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=512)
-    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=CLIENT_LIMITS) as client:
         await closed_loop(client, {"chat": 1, "embeddings": 1}, 3)  # warm-up
         rss.mark("sustainable")
         clients = {"chat": args.chat_clients, "embeddings": args.embedding_clients}
@@ -234,35 +299,63 @@ async def run(base: str, args: argparse.Namespace, rss: TreeRss) -> dict[str, An
         rates = {kind: args.factor * sustainable[kind]["ok_per_s"] for kind in KINDS}
         print("  overload: " + ", ".join(f"{kind} {rate:.1f}/s" for kind, rate in rates.items()), flush=True)
 
+        # Several processes share the overload: one asyncio client alone cannot send it on a small machine.
+        context = multiprocessing.get_context("spawn")
+        share = args.overload_processes
+        out = context.Queue()
+        stopped = [context.Event() for _ in range(share)]
+        overloaders = [
+            context.Process(
+                target=overload_process,
+                args=(
+                    base,
+                    {kind: rate / share for kind, rate in rates.items()},
+                    args.overload_s,
+                    args.max_in_flight // share,
+                    event,
+                    out,
+                ),
+            )
+            for event in stopped
+        ]
         rss.mark("overload")
         overload_wall = time.time()
-        tallies, seconds, in_flight = await open_loop(client, rates, args.overload_s, args.max_in_flight)
+        for overloader in overloaders:
+            overloader.start()
+        loop = asyncio.get_running_loop()
+        for event in stopped:
+            await loop.run_in_executor(None, event.wait)
         overload_end = time.monotonic()
         overload_wall_end = time.time()
         rss.mark("normal")
-        # Normal load starts at once, beside the overload's last requests still in flight.
-        normal_task = asyncio.create_task(closed_loop(client, clients, args.normal_s))
-        drain_start = time.monotonic()
-        await asyncio.gather(*in_flight)
-        drained_s = time.monotonic() - drain_start
-        overload = phase_summary(tallies, seconds)
-        print_phase(f"overload ({args.factor:g}x, open loop)", overload, seconds)
-        normal_tallies, normal_seconds = await normal_task
+        # Normal load starts at once, beside the overload's last requests still in flight (in the other processes).
+        normal_tallies, normal_seconds = await closed_loop(client, clients, args.normal_s)
+        shares = [await loop.run_in_executor(None, out.get) for _ in overloaders]
+        for overloader in overloaders:
+            overloader.join()
+        seconds = max(part["seconds"] for part in shares)
+        overload = merge_phases([part["overload"] for part in shares], seconds)
+        in_flight = sum(part["in_flight_at_stop"] for part in shares)
+        drained_s = max(part["drained_s"] for part in shares)
+        print_phase(f"overload ({args.factor:g}x, open loop, {share} processes)", overload, seconds)
         normal = phase_summary(normal_tallies, normal_seconds)
-        first_ok = [t.first_ok_at for t in normal_tallies.values() if t.first_ok_at is not None]
         print_phase(
             "normal again (closed loop, from the moment the overload stopped)", normal, normal_seconds
         )
-        first_ok_s = min(first_ok) - overload_end if first_ok else None
+        # Completed, so it includes the request's own time (a 256-token stream, a 32-sentence batch).
+        first_ok_s = {
+            kind: None if tally.first_ok_at is None else round(tally.first_ok_at - overload_end, 2)
+            for kind, tally in normal_tallies.items()
+        }
         print(
-            f"  in flight when the overload stopped: {len(in_flight)}, drained in {drained_s:.1f} s; first 200 "
-            f"of the normal load {first_ok_s if first_ok_s is None else round(first_ok_s, 2)} s after the stop"
+            f"  in flight when the overload stopped: {in_flight}, drained in {drained_s:.1f} s; first 200 "
+            f"of the normal load, completed, after the stop (s): {first_ok_s}"
         )
     return {
         "rates_per_s": rates,
         "sustainable": sustainable,
         "overload": overload,
-        "overload_in_flight_at_stop": len(in_flight),
+        "overload_in_flight_at_stop": in_flight,
         "overload_drained_s": drained_s,
         "normal": normal,
         "normal_first_ok_after_stop_s": first_ok_s,
@@ -334,6 +427,9 @@ def main() -> int:
         type=int,
         default=600,
         help="client-side cap on outstanding overload requests (above what the demo profile admits)",
+    )
+    parser.add_argument(
+        "--overload-processes", type=int, default=2, help="client processes sharing the overload (default 2)"
     )
     parser.add_argument("--port", type=int, default=28130)
     parser.add_argument("--output", default=str(RESULTS / "overload.json"))

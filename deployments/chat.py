@@ -21,6 +21,7 @@ from deployments.model_files import (
     resolve_dtype,
 )
 from deployments.model_health import poison_weights, require_finite
+from deployments.queue_deadline import QueueDeadline
 from serve_app.config import ChatModelConfig
 from serve_app.metrics import ChatMetrics
 from serve_app.protocol.engine import GenerateRequest, GenerationChunk
@@ -47,14 +48,24 @@ class ChatDeployment:
         end_ids = end_token_ids(model.generation_config.eos_token_id, self._tokenizer)
         interval_s = config.stream_interval_ms / 1000
         self._metrics = ChatMetrics(config.name)
+        deadline = QueueDeadline(config.max_queue_wait_s, config.deployment.backpressure_config.retry_after_s)
         self._engine: Engine
         if config.engine == "continuous":
             window = context_window(config)
             self._engine = ContinuousBatchingEngine(
-                model, self._tokenizer, end_ids, config.max_num_seqs, window, interval_s, self._metrics
+                model,
+                self._tokenizer,
+                end_ids,
+                config.max_num_seqs,
+                window,
+                interval_s,
+                self._metrics,
+                deadline,
             )
         else:
-            self._engine = SequentialEngine(model, self._tokenizer, end_ids, interval_s, self._metrics)
+            self._engine = SequentialEngine(
+                model, self._tokenizer, end_ids, interval_s, self._metrics, deadline
+            )
         logger.info("chat model %s loaded from %s on %s", config.name, config.path, device)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:

@@ -114,6 +114,11 @@ DType = Literal["auto", "float32", "float16", "bfloat16"]
 CpuThreads = Annotated[int | None, Field(ge=1)]
 
 
+# Seconds a request may wait inside its replica for a place in a batch; later, it is refused with 503 +
+# Retry-After (the deployment's backpressure_config.retry_after_s) rather than served late. None: no deadline.
+QueueWait = Annotated[float | None, Field(gt=0, allow_inf_nan=False)]
+
+
 class ChatModelConfig(_Strict):
     name: Annotated[str, Field(min_length=1, description="The id clients send as `model`.")]
     path: Annotated[str, Field(min_length=1, description="A local folder or a hub id.")]
@@ -129,6 +134,7 @@ class ChatModelConfig(_Strict):
     max_num_seqs: Annotated[int, Field(ge=1)] = 16
     # Streamed text is sent at most this often per stream (the first increment at once); 0 sends every token.
     stream_interval_ms: Annotated[float, Field(ge=0)] = 50.0
+    max_queue_wait_s: QueueWait = 30.0
     owned_by: str = "glm-serve"
     deployment: DeploymentOptions = DeploymentOptions(
         max_ongoing_requests=32, ray_actor_options=ActorOptions(num_gpus=1)
@@ -150,22 +156,15 @@ class EmbeddingModelConfig(_Strict):
     path: Annotated[str, Field(min_length=1)]
     device: Device = "auto"
     cpu_threads: CpuThreads = None
-    max_batch_size: Annotated[int, Field(ge=1)] = 32  # requests merged into one forward pass
+    # Texts in one batch, from one request or several (run through the model 32 at a time, shortest first); a
+    # larger request is split, so a batch (and the wait of whoever is behind it) has a bounded cost.
+    max_batch_size: Annotated[int, Field(ge=1)] = 64
     # 0: a batch starts at once. Under load batches still fill, from the requests that arrive while the previous
     # batch computes; waiting would only add latency to every request.
     batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.0
+    max_queue_wait_s: QueueWait = 30.0
     owned_by: str = "glm-serve"
     deployment: DeploymentOptions = DeploymentOptions(max_ongoing_requests=64)
-
-    @model_validator(mode="after")
-    def _batch_fits(self) -> EmbeddingModelConfig:
-        if self.deployment.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(
-                f"embedding model {self.name!r}: deployment.max_ongoing_requests "
-                f"({self.deployment.max_ongoing_requests}) must be >= max_batch_size ({self.max_batch_size}), "
-                "or batches can never fill"
-            )
-        return self
 
 
 # A key travels in an `Authorization: Bearer <key>` header and, from the environment, in a comma-separated list:

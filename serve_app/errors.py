@@ -27,13 +27,15 @@ logger = logging.getLogger("glm_serve")
 class APIError(Exception):
     status_code = 500
     error_type = "server_error"
-    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        # An instance attribute, never a class one: the copy Ray re-raises in the ingress reads its missing
+        # attributes from the original error, and a class attribute would hide the original's headers.
+        self.headers: dict[str, str] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keep keyword fields across the pickling that carries the error from a replica to the ingress.
@@ -72,7 +74,20 @@ class ServiceUnavailable(APIError):
 
     def __init__(self, message: str, code: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message, None, code)
+        self.retry_after_s = retry_after_s
         self.headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.code, self.retry_after_s))
+
+
+def overloaded(retry_after_s: float) -> ServiceUnavailable:
+    """Refused for load: a queue was full, or a request waited longer than its deployment's max_queue_wait_s."""
+    return ServiceUnavailable(
+        "The server is overloaded with other requests. Please retry after a short wait.",
+        "overloaded",
+        retry_after_s,
+    )
 
 
 def serving_failure(exc: BaseException) -> APIError | None:
@@ -83,11 +98,7 @@ def serving_failure(exc: BaseException) -> APIError | None:
     while Serve sheds the load or replaces the replica.
     """
     if isinstance(exc, BackPressureError):
-        return ServiceUnavailable(
-            "The server is overloaded with other requests. Please retry after a short wait.",
-            "overloaded",
-            exc.retry_after_s or 1.0,
-        )
+        return overloaded(exc.retry_after_s or 1.0)
     if isinstance(exc, (RayActorError, DeploymentUnavailableError)):
         return ServiceUnavailable(
             "The model replica serving this request became unavailable. Please retry after a short wait.",

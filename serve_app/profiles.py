@@ -46,7 +46,11 @@ def cpu_demo_args(cache_dir: str | None = None, spec: TinyGlmSpec | None = None)
                 # then lose more to contention than they gain (bench/chat.py: 16 streams ~1.9-3.0k vs ~1.6-2.2k tok/s).
                 "cpu_threads": 1,
                 "max_num_seqs": 32,
-                "deployment": _cpu(0.5, 64, 32),
+                # A full batch and a few more waiting (on 2 cores a 256-token stream takes ~3 s at 32): what is
+                # admitted is done within seconds, so the server is itself again soon after an overload
+                # (bench/overload.py). Waiting in the replica past 10 s (1024-token streams): 503 + Retry-After.
+                "max_queue_wait_s": 10,
+                "deployment": _cpu(0.5, 40, 8),
             }
         ],
         "embedding_models": [
@@ -55,9 +59,15 @@ def cpu_demo_args(cache_dir: str | None = None, spec: TinyGlmSpec | None = None)
                 "path": minilm_path(),
                 "device": "cpu",
                 "cpu_threads": os.cpu_count(),
-                # No deeper than one batch in work and half a batch waiting: a request counts here whatever its
-                # number of inputs, and bench/overload.py saw 64 + 32 large requests wait ~100 s on 2 busy cores.
-                "deployment": _cpu(0.5, 32, 16),
+                # Texts per batch (run 32 at a time): 32 clients x 8 sentences fit in one.
+                "max_batch_size": 256,
+                # A request counts once here whatever its number of inputs, so the counts alone let 48 large
+                # requests wait ~100 s on 2 busy cores (bench/overload.py); the deadline (from the request's
+                # arrival at the ingress) bounds the wait instead. The ingress may hold as many as the replica: it
+                # learns that the replica has room only between batches (they run on its event loop), and with a
+                # queue of 16, 32 clients sending one sentence each got 503s (bench/embeddings.py).
+                "max_queue_wait_s": 5,
+                "deployment": _cpu(0.5, 32, 32),
             }
         ],
         "tokenizer": _cpu(0.1, 256, 256),

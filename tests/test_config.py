@@ -88,8 +88,18 @@ def test_duplicate_model_names_are_rejected(serve_config: dict[str, Any]) -> Non
         parse_config(args)
 
 
-def test_batches_must_fit_the_replica(serve_config: dict[str, Any]) -> None:
+def test_the_chat_batch_must_fit_the_replica(serve_config: dict[str, Any]) -> None:
     args = _args(serve_config)
-    args["embedding_models"][0]["deployment"]["max_ongoing_requests"] = 8
-    with pytest.raises(ConfigError, match="max_batch_size"):
+    args["chat_models"][0]["deployment"]["max_ongoing_requests"] = args["chat_models"][0]["max_num_seqs"] - 1
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        parse_config(args)
+
+
+@pytest.mark.parametrize("wait", [0, -1, "forever"])
+def test_a_queue_deadline_must_be_a_positive_number_of_seconds(
+    serve_config: dict[str, Any], wait: Any
+) -> None:
+    args = _args(serve_config)
+    args["embedding_models"][0]["max_queue_wait_s"] = wait
+    with pytest.raises(ConfigError, match="max_queue_wait_s"):
         parse_config(args)

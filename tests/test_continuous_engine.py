@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from deployments.chat_engine.continuous import ContinuousBatchingEngine
 from deployments.chat_engine.sequential import SequentialEngine
 from deployments.model_files import end_token_ids
+from deployments.queue_deadline import QueueDeadline
+from serve_app.errors import ServiceUnavailable, overloaded
 from serve_app.protocol.engine import GenerateRequest, SamplingParams
 
 Outcome = tuple[str, int, str | None]
@@ -114,3 +116,51 @@ def test_a_failing_prefill_fails_only_its_request(engines: Any, parts: Any) -> N
     failed, served = asyncio.run(both())
     assert isinstance(failed, (IndexError, RuntimeError))
     assert served == _run(continuous, [good])[0]
+
+
+@pytest.mark.parametrize("kind", ["continuous", "sequential"])
+def test_a_request_that_waits_past_the_queue_deadline_is_refused_and_the_running_one_is_not(
+    parts: tuple[Any, Any, list[int]], kind: str
+) -> None:
+    model, tokenizer, ends = parts
+    deadline = QueueDeadline(max_wait_s=0.05, retry_after_s=2)
+    if kind == "continuous":
+        engine: Any = ContinuousBatchingEngine(
+            model, tokenizer, ends, max_num_seqs=1, max_model_len=2048, queue_deadline=deadline
+        )
+    else:
+        engine = SequentialEngine(model, tokenizer, ends, queue_deadline=deadline)
+    # Greedy on this prompt, the tiny model never emits an end token: the one slot stays taken for 1000 steps.
+    holder = GenerateRequest(
+        "holder", _prompt(tokenizer, 0), SamplingParams(max_tokens=1000, temperature=0.0)
+    )
+
+    async def hold_then_queue() -> tuple[Outcome, BaseException]:
+        held = asyncio.create_task(_collect(engine, holder))
+        await asyncio.sleep(0.01)
+        with pytest.raises(ServiceUnavailable) as refused:
+            await _collect(engine, _request(tokenizer, 1))
+        return await held, refused.value
+
+    try:
+        (_, tokens, finish), refusal = asyncio.run(hold_then_queue())
+    finally:
+        engine.close()
+    assert (tokens, finish) == (1000, "length")
+    assert (refusal.status_code, refusal.code, refusal.headers) == (503, "overloaded", {"Retry-After": "2"})
+    assert engine.active_sequences == 0
+
+
+def test_a_refusal_keeps_its_retry_after_when_ray_carries_it_to_the_ingress() -> None:
+    import pickle
+
+    from ray.exceptions import RayTaskError
+
+    carried = pickle.loads(pickle.dumps(overloaded(3)))
+    as_raised = RayTaskError("generate", "traceback", carried).as_instanceof_cause()
+    assert isinstance(as_raised, ServiceUnavailable)
+    assert (as_raised.status_code, as_raised.code, as_raised.headers) == (
+        503,
+        "overloaded",
+        {"Retry-After": "3"},
+    )

@@ -48,10 +48,10 @@ def _until(condition_met: object, timeout_s: float = 180) -> float:
     return time.monotonic() - start
 
 
-def _assert_unavailable(response: httpx.Response) -> None:
+def _assert_unavailable(response: httpx.Response, *codes: str) -> None:
     assert int(response.headers["retry-after"]) >= 1
     error = response.json()["error"]
-    assert (error["type"], error["code"]) == ("server_error", "replica_unavailable"), error
+    assert error["type"] == "server_error" and error["code"] in (codes or ("replica_unavailable",)), error
 
 
 def test_replica_killed_mid_stream_ends_with_error_then_done(http: httpx.Client) -> None:
@@ -117,7 +117,9 @@ def test_embedding_replica_killed_under_load_answers_503_then_recovers(http: htt
     assert 503 in statuses[served_before:], statuses  # the requests in flight when the replica died
     for answer in answers:
         if answer.status_code == 503:
-            _assert_unavailable(answer)
+            # Lost with the replica; or sent to it just before and still waiting for its replacement (which loads
+            # the model) when the queue deadline passed.
+            _assert_unavailable(answer, "replica_unavailable", "overloaded")
 
     def embeds() -> bool:
         answer = http.post("/v1/embeddings", json={"input": ["back again"]})

@@ -23,6 +23,7 @@ from deployments.chat_engine.jobs import Engine, Job
 from deployments.chat_engine.sampling import RowSampler, choose_tokens
 from deployments.chat_engine.slot_cache import SlotKVCache
 from deployments.chat_engine.text_output import TextOutput
+from deployments.queue_deadline import NO_DEADLINE, QueueDeadline
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.engine import FinishReason, GenerationChunk
 
@@ -77,8 +78,9 @@ class ContinuousBatchingEngine(Engine):
         max_model_len: int,
         stream_interval_s: float = 0.0,
         metrics: ChatMetrics | None = None,
+        queue_deadline: QueueDeadline = NO_DEADLINE,
     ) -> None:
-        super().__init__(model, tokenizer, end_token_ids, stream_interval_s, metrics)
+        super().__init__(model, tokenizer, end_token_ids, stream_interval_s, metrics, queue_deadline)
         self._max_model_len = max_model_len
         config = model.config.get_text_config()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -138,6 +140,7 @@ class ContinuousBatchingEngine(Engine):
         with torch.inference_mode():
             while not self._closed:
                 self._drop_cancelled()
+                self._refuse_late()
                 # The running sequences' previous token came at the end of the last step: the prefill of those
                 # joining now stalls them, so it counts in their inter-token latency. Joiners' previous token
                 # comes at the end of their prefill.
@@ -184,6 +187,19 @@ class ContinuousBatchingEngine(Engine):
             if not jobs:
                 return
             self._prefill_or_fail(jobs)
+
+    def _refuse_late(self) -> None:
+        """Refuse the jobs that waited past the queue deadline: the oldest are at the head of the queue."""
+        now = time.time()
+        with self._lock:
+            while self._waiting:
+                job = self._waiting[0]
+                late = self._queue_deadline.refusal(job.request.received_at, now)
+                if late is None and not job.cancelled.is_set():
+                    return
+                self._waiting.popleft()
+                if late is not None:
+                    job.emit(late)
 
     def _prefill_or_fail(self, jobs: list[Job]) -> None:
         try:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from deployments.queue_deadline import NO_DEADLINE, QueueDeadline
 from serve_app.protocol.engine import GenerateRequest, GenerationChunk
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class Engine:
     increment always goes out at once, so time to first token does not change.
 
     `metrics` records the engine's inter-token latency and sequence counts; None (no Ray replica) records nothing.
+    `queue_deadline` refuses a job that waited too long for its turn.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class Engine:
         end_token_ids: list[int],
         stream_interval_s: float = 0.0,
         metrics: ChatMetrics | None = None,
+        queue_deadline: QueueDeadline = NO_DEADLINE,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
@@ -57,6 +60,7 @@ class Engine:
         self._jobs = JobCounter()
         self._stream_interval_s = stream_interval_s
         self._metrics = metrics
+        self._queue_deadline = queue_deadline
 
     @property
     def active_sequences(self) -> int:

@@ -17,6 +17,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from deployments.chat_engine.jobs import Engine, Job
 from deployments.chat_engine.text_output import TextOutput
+from deployments.queue_deadline import NO_DEADLINE, QueueDeadline
 from serve_app.protocol.engine import FinishReason, GenerationChunk
 
 if TYPE_CHECKING:
@@ -78,8 +79,9 @@ class SequentialEngine(Engine):
         end_token_ids: list[int],
         stream_interval_s: float = 0.0,
         metrics: ChatMetrics | None = None,
+        queue_deadline: QueueDeadline = NO_DEADLINE,
     ) -> None:
-        super().__init__(model, tokenizer, end_token_ids, stream_interval_s, metrics)
+        super().__init__(model, tokenizer, end_token_ids, stream_interval_s, metrics, queue_deadline)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
 
     def _submit(self, job: Job) -> None:
@@ -87,6 +89,9 @@ class SequentialEngine(Engine):
 
     def _run(self, job: Job) -> None:
         if job.cancelled.is_set():
+            return
+        if (late := self._queue_deadline.refusal(job.request.received_at)) is not None:
+            job.emit(late)
             return
         self._report_sequences(running=1)
         try:

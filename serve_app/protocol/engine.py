@@ -6,6 +6,7 @@ the deployments trust them. Plain dataclasses keep the per-request pickling chea
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,6 +46,8 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
+    # When the ingress took the request (time.time()): a replica's queue deadline counts from it.
+    received_at: float = field(default_factory=time.time)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class ChatService:
         self._limits = limits
 
     async def prepare(self, request: ChatCompletionRequest, fit_to_window: bool = False) -> PreparedChat:
+        received_at = time.time()  # the replica's queue deadline counts from here
         model = self._registry.chat(request.model)
         messages = [message.for_template() for message in request.messages]
         check_chat_messages(self._limits, [message["content"] for message in messages])
@@ -90,6 +92,7 @@ class ChatService:
             request_id=uuid.uuid4().hex,
             prompt_token_ids=prompt.token_ids,
             sampling=request.to_sampling_params(max_tokens),
+            received_at=received_at,
         )
         return PreparedChat(model, generate, await _started(model, generate))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 
 import numpy as np
 import orjson
@@ -29,6 +30,7 @@ class EmbeddingService:
 
     async def embed(self, request: EmbeddingRequest) -> tuple[str, Embeddings]:
         """The model that served the request (the default one if it named none) and its vectors."""
+        received_at = time.time()  # the replica's queue deadline counts from here
         model = self._registry.embedding(request.model)
         check_embedding_inputs(self._limits, request.texts)
         if request.dimensions is not None:
@@ -39,7 +41,7 @@ class EmbeddingService:
                     f"{request.dimensions}-d ones.",
                     param="dimensions",
                 )
-        return model.name, await model.handle.embed.remote(request.texts)
+        return model.name, await model.handle.embed.remote(request.texts, received_at)
 
     async def create(self, request: EmbeddingRequest) -> Response:
         model, result = await self.embed(request)
