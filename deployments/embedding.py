@@ -51,6 +51,7 @@ class EmbeddingDeployment:
             config.path, device=resolve_device(config.device, config.cpu_threads)
         )
         self._max_batch_texts = config.max_batch_size
+        self._forward_batch_size = config.forward_batch_size
         self._deadline = QueueDeadline(
             config.max_queue_wait_s, config.deployment.backpressure_config.retry_after_s
         )
@@ -112,9 +113,11 @@ class EmbeddingDeployment:
         features = self._model.tokenizer(
             texts, truncation=True, max_length=self._model.max_seq_length, return_length=True
         )
-        # sentence-transformers sorts the texts by length and runs them 32 at a time (its default): a forward pass
-        # over the whole batch would pad every text to the longest (32 clients x 8 sentences: ~140 vs ~170/s).
-        vectors = self._model.encode(texts, convert_to_numpy=True, show_progress_bar=False)
+        # sentence-transformers sorts the texts by length and runs them forward_batch_size at a time: each pass pads
+        # its texts to its longest, so smaller passes waste less on padding.
+        vectors = self._model.encode(
+            texts, batch_size=self._forward_batch_size, convert_to_numpy=True, show_progress_bar=False
+        )
         return vectors.astype(np.float32, copy=False), list(features["length"])
 
     def dimension(self) -> int:

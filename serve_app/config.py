@@ -156,9 +156,11 @@ class EmbeddingModelConfig(_Strict):
     path: Annotated[str, Field(min_length=1)]
     device: Device = "auto"
     cpu_threads: CpuThreads = None
-    # Texts in one batch, from one request or several (run through the model 32 at a time, shortest first); a
-    # larger request is split, so a batch (and the wait of whoever is behind it) has a bounded cost.
+    # Texts in one batch, from one request or several; a larger request is split, so a batch (and the wait of
+    # whoever is behind it) has a bounded cost.
     max_batch_size: Annotated[int, Field(ge=1)] = 64
+    # Texts per forward pass within a batch, shortest first: each pass pads its texts to its longest.
+    forward_batch_size: Annotated[int, Field(ge=1)] = 32
     # 0: a batch starts at once. Under load batches still fill, from the requests that arrive while the previous
     # batch computes; waiting would only add latency to every request.
     batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.0

@@ -59,10 +59,13 @@ def cpu_demo_args(cache_dir: str | None = None, spec: TinyGlmSpec | None = None)
                 "path": minilm_path(),
                 "device": "cpu",
                 "cpu_threads": os.cpu_count(),
-                # Texts per batch (run 32 at a time). Batches run on the replica's event loop, so smaller ones let it
+                # Texts per batch. Batches run on the replica's event loop, so smaller ones let it
                 # take, refuse and route requests more often: under overload, embedding 200s p50 3.9 s vs 6.1 s at
                 # 256, and the same ~165-190 sentences/s for 32 clients x 8 sentences (bench/overload.py, embeddings.py).
                 "max_batch_size": 64,
+                # Less padding than sentence-transformers' 32 (32 clients x 8 sentences: ~192-195 vs ~165/s; in
+                # process, batches of 16 cost no more per text than batches of 32).
+                "forward_batch_size": 16,
                 # A request counts once here whatever its number of inputs, so the counts alone let 48 large
                 # requests wait ~100 s on 2 busy cores (bench/overload.py); the deadline (from the request's
                 # arrival at the ingress) bounds the wait instead. The ingress may hold as many as the replica: it
