@@ -76,6 +76,19 @@ class Tally:
         if status == "200" and self.first_ok_at is None:
             self.first_ok_at = time.monotonic()
 
+    @classmethod
+    def merged(cls, states: list[dict[str, Any]]) -> Tally:
+        """One tally from the `vars()` of tallies kept in other processes (sent as plain data: the class itself
+        does not unpickle across a spawned process's `__mp_main__`)."""
+        tally = cls()
+        for state in states:
+            for status, count in state["statuses"].items():
+                tally.statuses[status] = tally.statuses.get(status, 0) + count
+            for status, values in state["latency"].items():
+                tally.latency[status].extend(values)
+            tally.retry_after_missing += state["retry_after_missing"]
+        return tally
+
     def summary(self, seconds: float) -> dict[str, Any]:
         total = sum(count for status, count in self.statuses.items() if status != "not-sent")
         out: dict[str, Any] = {
@@ -235,30 +248,6 @@ def tree_rss_kib(root: int) -> int:
     return total
 
 
-def merge_phases(parts: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    """One phase's figures from the summaries of the processes that shared it (percentiles: the worst part's)."""
-    merged: dict[str, Any] = {}
-    for kind in parts[0]:
-        figures = [part[kind] for part in parts]
-        statuses: dict[str, int] = {}
-        for one in figures:
-            for status, count in one["statuses"].items():
-                statuses[status] = statuses.get(status, 0) + count
-        total = sum(count for status, count in statuses.items() if status != "not-sent")
-        merged[kind] = {
-            "requests": total,
-            "per_s": total / seconds,
-            "statuses": dict(sorted(statuses.items())),
-            "ok_per_s": statuses.get("200", 0) / seconds,
-            "retry_after_missing": sum(one["retry_after_missing"] for one in figures),
-        }
-        for key in ("latency_200_ms", "latency_503_ms"):
-            present = [one[key] for one in figures if key in one]
-            if present:
-                merged[kind][key] = {stat: max(p[stat] for p in present) for stat in ("p50", "p99", "max")}
-    return merged
-
-
 def phase_summary(tallies: dict[str, Tally], seconds: float) -> dict[str, Any]:
     return {kind: tally.summary(seconds) for kind, tally in tallies.items()}
 
@@ -279,7 +268,7 @@ def overload_process(
             drain_start = time.monotonic()
             await asyncio.gather(*in_flight)
             return {
-                "overload": phase_summary(tallies, sent_s),
+                "tallies": {kind: vars(tally) for kind, tally in tallies.items()},
                 "seconds": sent_s,
                 "in_flight_at_stop": len(in_flight),
                 "drained_s": time.monotonic() - drain_start,
@@ -334,7 +323,9 @@ async def run(base: str, args: argparse.Namespace, rss: TreeRss) -> dict[str, An
         for overloader in overloaders:
             overloader.join()
         seconds = max(part["seconds"] for part in shares)
-        overload = merge_phases([part["overload"] for part in shares], seconds)
+        overload = phase_summary(
+            {kind: Tally.merged([part["tallies"][kind] for part in shares]) for kind in KINDS}, seconds
+        )
         in_flight = sum(part["in_flight_at_stop"] for part in shares)
         drained_s = max(part["drained_s"] for part in shares)
         print_phase(f"overload ({args.factor:g}x, open loop, {share} processes)", overload, seconds)

@@ -48,7 +48,7 @@ class ChatDeployment:
         end_ids = end_token_ids(model.generation_config.eos_token_id, self._tokenizer)
         interval_s = config.stream_interval_ms / 1000
         self._metrics = ChatMetrics(config.name)
-        deadline = QueueDeadline(config.max_queue_wait_s, config.deployment.backpressure_config.retry_after_s)
+        deadline = QueueDeadline.of(config)
         self._engine: Engine
         if config.engine == "continuous":
             window = context_window(config)

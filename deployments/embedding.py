@@ -26,7 +26,7 @@ class _Request:
     """What the parts of one request share: a request is refused whole, or served whole."""
 
     received_at: float  # at the ingress, time.time()
-    started: bool = False
+    decided: bool = False  # by the first batch that holds one of its parts
     refusal: ServiceUnavailable | None = None
 
 
@@ -52,9 +52,7 @@ class EmbeddingDeployment:
         )
         self._max_batch_texts = config.max_batch_size
         self._forward_batch_size = config.forward_batch_size
-        self._deadline = QueueDeadline(
-            config.max_queue_wait_s, config.deployment.backpressure_config.retry_after_s
-        )
+        self._deadline = QueueDeadline.of(config)
         self._metrics = EmbeddingMetrics(config.name)
         # The decorator's numbers are placeholders: the config's are set per replica here.
         self._embed_batch.set_max_batch_size(config.max_batch_size)  # type: ignore[attr-defined]
@@ -67,10 +65,7 @@ class EmbeddingDeployment:
         size = self._max_batch_texts
         parts = [_Part(texts[start : start + size], request) for start in range(0, len(texts), size)]
         served: list[Embeddings] = []
-        # One part (the usual case) is awaited directly: gather would queue it one loop turn later, after the
-        # batch now forming has been cut.
-        batched = [await self._embed_batch(parts[0])] if len(parts) == 1 else None
-        for answer in batched or await asyncio.gather(*(self._embed_batch(part) for part in parts)):
+        for answer in await asyncio.gather(*(self._embed_batch(part) for part in parts)):
             if not isinstance(answer, Embeddings):
                 raise answer
             served.append(answer)
@@ -87,12 +82,10 @@ class EmbeddingDeployment:
         # overload the batch goes to those whose clients are still likely to want the answer.
         now = time.time()
         for part in parts:
-            request = part.request
-            if not request.started and request.refusal is None:
-                request.refusal = self._deadline.refusal(request.received_at, now)
-            request.started = request.refusal is None
-        answers: list[Embeddings | ServiceUnavailable | None] = [part.request.refusal for part in parts]
-        live = [part for part, answer in zip(parts, answers, strict=True) if answer is None]
+            if not part.request.decided:
+                part.request.refusal = self._deadline.refusal(part.request.received_at, now)
+                part.request.decided = True
+        live = [part for part in parts if part.request.refusal is None]
         texts = [text for part in live for text in part.texts]
         if texts:
             self._metrics.batch(requests=len(live), inputs=len(texts))
@@ -101,13 +94,16 @@ class EmbeddingDeployment:
             # blocking here lets every request that arrived meanwhile join the next batch (32 clients x 8
             # sentences: 120 -> 169 sentences/s, bench/embeddings.py). Health checks wait at most one batch.
             vectors, counts = self._encode(texts)
-            start = 0
-            for index, part in enumerate(parts):
-                if answers[index] is None:
-                    end = start + len(part.texts)
-                    answers[index] = Embeddings(vectors=vectors[start:end], token_counts=counts[start:end])
-                    start = end
-        return answers  # type: ignore[return-value]  # every None was filled above
+        answers: list[Embeddings | ServiceUnavailable] = []
+        start = 0
+        for part in parts:
+            if part.request.refusal is not None:
+                answers.append(part.request.refusal)
+                continue
+            end = start + len(part.texts)
+            answers.append(Embeddings(vectors=vectors[start:end], token_counts=counts[start:end]))
+            start = end
+        return answers
 
     def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         features = self._model.tokenizer(
@@ -123,9 +119,11 @@ class EmbeddingDeployment:
     def dimension(self) -> int:
         return self.dimensions
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         """Serve replaces the replica when this raises: embedding one short text fails or gives non-finite numbers.
-        On the event loop like the batches (a few ms on CPU), so it also fails if the loop is stuck."""
+        Async so that it runs on the event loop like the batches (a few ms on CPU): it also fails if the loop is
+        stuck, and never runs beside a batch. Serve runs a sync method on a worker thread, and there the two shared
+        the tokenizer, whose padding and truncation settings are state that each call sets."""
         vectors, _ = self._encode(["health check"])
         require_finite(vectors, "the embedding model's forward pass")
 

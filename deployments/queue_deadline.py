@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from serve_app.config import ChatModelConfig, EmbeddingModelConfig
 from serve_app.errors import ServiceUnavailable, overloaded
 
 
@@ -22,6 +23,11 @@ from serve_app.errors import ServiceUnavailable, overloaded
 class QueueDeadline:
     max_wait_s: float | None = None  # None: wait as long as it takes
     retry_after_s: float = 1.0
+
+    @classmethod
+    def of(cls, model: ChatModelConfig | EmbeddingModelConfig) -> QueueDeadline:
+        """A model's deadline, refused with the same Retry-After as its deployment's back-pressure."""
+        return cls(model.max_queue_wait_s, model.deployment.backpressure_config.retry_after_s)
 
     def refusal(self, received_at: float, now: float | None = None) -> ServiceUnavailable | None:
         """The error for a request received at `received_at` (time.time()) if it has waited too long, else None."""

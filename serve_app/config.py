@@ -114,8 +114,9 @@ DType = Literal["auto", "float32", "float16", "bfloat16"]
 CpuThreads = Annotated[int | None, Field(ge=1)]
 
 
-# Seconds a request may wait inside its replica for a place in a batch; later, it is refused with 503 +
-# Retry-After (the deployment's backpressure_config.retry_after_s) rather than served late. None: no deadline.
+# Seconds a request may wait, from its arrival at the ingress, for a place in a batch of its model's replica;
+# later, it is refused with 503 + Retry-After (the deployment's backpressure_config.retry_after_s) rather than
+# served late. None: no deadline.
 QueueWait = Annotated[float | None, Field(gt=0, allow_inf_nan=False)]
 
 

@@ -107,20 +107,20 @@ class ChatMetrics:
 
 
 class EmbeddingMetrics:
-    """An embedding replica: how much each forward pass merged."""
+    """An embedding replica: how much each batch merged."""
 
     def __init__(self, model: str) -> None:
         self._batch_requests = _per_model(
             Histogram,
             "glm_serve_embedding_batch_requests",
-            "Requests merged into one embedding forward pass (@serve.batch).",
+            "Requests (or parts of split large ones) merged into one embedding batch (@serve.batch).",
             model,
             boundaries=_BATCH_BOUNDARIES,
         )
         self._batch_inputs = _per_model(
             Histogram,
             "glm_serve_embedding_batch_inputs",
-            "Input texts embedded by one forward pass.",
+            "Input texts embedded by one batch.",
             model,
             boundaries=_BATCH_BOUNDARIES,
         )

@@ -48,7 +48,7 @@ def cpu_demo_args(cache_dir: str | None = None, spec: TinyGlmSpec | None = None)
                 "max_num_seqs": 32,
                 # A full batch and a few more waiting (on 2 cores a 256-token stream takes ~3 s at 32): what is
                 # admitted is done within seconds, so the server is itself again soon after an overload
-                # (bench/overload.py). Waiting in the replica past 10 s (1024-token streams): 503 + Retry-After.
+                # (bench/overload.py). Waiting past 10 s (behind 1024-token streams): 503 + Retry-After.
                 "max_queue_wait_s": 10,
                 "deployment": _cpu(0.5, 40, 8),
             }

@@ -144,12 +144,12 @@ def test_sequence_gauges_follow_the_running_batch_and_its_queue(
 
     def long_stream(_: int) -> int:
         reply = patient.chat.completions.create(
-            # Greedy, "hi" runs to max_tokens: long enough (~3-5 s at 32 streams here) that the queue outlives
+            # Greedy, "hi" runs to max_tokens: long enough (~5-10 s at 32 streams here) that the queue outlives
             # several of Ray's metric reports (1 s apart in the tests).
             model=CHAT_MODEL,
             messages=[{"role": "user", "content": "hi"}],
             temperature=0,
-            max_tokens=512,
+            max_tokens=1024,
             stream=True,
         )
         return sum(1 for _ in reply)
