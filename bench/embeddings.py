@@ -425,7 +425,10 @@ def print_table(results: dict[str, Any]) -> None:
     print("\n=== Embeddings throughput, sentences/s (all-MiniLM-L6-v2, CPU) ===")
     if limit:
         print(f"  in-process limit (batch {results['limit']['best_batch_size']}): {limit:.1f}")
-    print(f"  {'load':<34}{'glm-serve':>10}{'infinity':>10}{'glm/limit':>11}{'glm/infinity':>14}")
+    # infinity/limit: how close a one-process server gets to the limit with its clients on the same cores.
+    print(
+        f"  {'load':<34}{'glm-serve':>10}{'infinity':>10}{'glm/limit':>11}{'glm/infinity':>14}{'infinity/limit':>16}"
+    )
     for key in sorted(
         set(glm) | set(peer), key=lambda k: (int(k.split("_per")[1]), int(k[1:].split("_")[0]))
     ):
@@ -435,6 +438,7 @@ def print_table(results: dict[str, Any]) -> None:
         label = f"{concurrency} client(s) x {per} sentence(s)/req"
         print(
             f"  {label:<34}{fmt(g):>10}{fmt(p):>10}{fmt(ratio(g, limit), '9.2f'):>11}{fmt(ratio(g, p), '9.2f'):>14}"
+            f"{fmt(ratio(p, limit), '9.2f'):>16}"
         )
     targets = results.get("targets", {})
     for name, t in targets.items():

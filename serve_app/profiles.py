@@ -15,6 +15,10 @@ from serve_app.builder import bind_graph, parse_config
 from serve_app.tiny_glm import TinyGlmSpec, ensure_tiny_glm
 
 CHAT_MODEL = "tiny-glm"
+# One thread: the decode loop shares 2 cores with the proxy and the ingress, and two torch threads then lose more
+# to contention than they gain (bench/chat.py: 16 streams ~1.9-3.0k vs ~1.6-2.2k tok/s through the server; the
+# engine alone, ~4.5-4.8k vs ~2.6-2.9k).
+CHAT_CPU_THREADS = 1
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 
 
@@ -42,15 +46,16 @@ def cpu_demo_args(cache_dir: str | None = None, spec: TinyGlmSpec | None = None)
                 "name": CHAT_MODEL,
                 "path": str(ensure_tiny_glm(cache_dir, spec or TinyGlmSpec())),
                 "device": "cpu",
-                # One thread: the decode loop shares 2 cores with the proxy and the ingress, and two torch threads
-                # then lose more to contention than they gain (bench/chat.py: 16 streams ~1.9-3.0k vs ~1.6-2.2k tok/s).
-                "cpu_threads": 1,
+                "cpu_threads": CHAT_CPU_THREADS,
                 "max_num_seqs": 32,
-                # A full batch and a few more waiting (on 2 cores a 256-token stream takes ~3 s at 32): what is
-                # admitted is done within seconds, so the server is itself again soon after an overload
+                # A full batch and a few more in the replica (on 2 cores a 256-token stream takes ~3 s at 32): what
+                # is admitted is done within seconds, so the server is itself again soon after an overload
                 # (bench/overload.py). Waiting past 10 s (behind 1024-token streams): 503 + Retry-After.
                 "max_queue_wait_s": 10,
-                "deployment": _cpu(0.5, 40, 8),
+                # The ingress's queue also holds a burst while its router assigns it, one request at a time: with
+                # 8, 32 streams opened at once got 503s although the replica had room for 40 (bench/chat.py). 16
+                # holds that burst, and an overload still clears in ~1.3 s (bench/overload.py; with 32, ~4.5 s).
+                "deployment": _cpu(0.5, 40, 16),
             }
         ],
         "embedding_models": [
