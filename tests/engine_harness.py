@@ -46,10 +46,10 @@ def run(engine: Any, requests: list[GenerateRequest], return_exceptions: bool = 
     return asyncio.run(all_at_once())
 
 
-def generate_text(
+def generated_ids(
     model: Any, tokenizer: Any, end_ids: list[int], generate: GenerateRequest, **options: Any
-) -> Outcome:
-    """What transformers' own greedy `generate` gives for `generate` (its max_tokens; end tokens end it)."""
+) -> list[int]:
+    """The token ids transformers' own greedy `generate` adds for `generate` (its max_tokens; end tokens end it)."""
     import torch
 
     ids = torch.tensor([generate.prompt_token_ids])
@@ -63,7 +63,14 @@ def generate_text(
             pad_token_id=tokenizer.pad_token_id,
             **options,
         )
-    new = out[0, ids.shape[1] :].tolist()
+    return list(out[0, ids.shape[1] :].tolist())
+
+
+def generate_text(
+    model: Any, tokenizer: Any, end_ids: list[int], generate: GenerateRequest, **options: Any
+) -> Outcome:
+    """What transformers' own greedy `generate` gives for `generate`, as an engine outcome."""
+    new = generated_ids(model, tokenizer, end_ids, generate, **options)
     ended = bool(new) and new[-1] in end_ids
     # Bytes that never form a character are dropped from streamed text (text_output.py), not sent as U+FFFD.
     text = tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=True).replace("\ufffd", "")

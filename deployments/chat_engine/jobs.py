@@ -146,7 +146,12 @@ async def relay(
     queue: asyncio.Queue[Emitted] = asyncio.Queue()
 
     def emit(item: Emitted) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+        # Called from the engine's worker, which must never fail for a consumer that is gone: a closed loop
+        # means nobody reads this job any more, so it is dropped like a cancelled one.
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:
+            job.cancelled.set()
 
     job = Job(request, emit)
     counter.active += 1
