@@ -59,7 +59,13 @@ class ChatDeployment:
         self._engine: Engine
         if choose_engine(config.engine, model, config.name) == "continuous":
             self._engine = ContinuousBatchingEngine(
-                model, self._tokenizer, end_ids, config.max_num_seqs, context_window(config), **options
+                model,
+                self._tokenizer,
+                end_ids,
+                config.max_num_seqs,
+                context_window(config),
+                config.prefill_chunk_tokens,
+                **options,
             )
         else:
             self._engine = SequentialEngine(model, self._tokenizer, end_ids, **options)

@@ -160,7 +160,7 @@ def choose_tokens(samplers: list[RowSampler], logits: torch.Tensor) -> list[Chos
     if picks:
         rows = torch.tensor(list(picks), device=logits.device)
         chosen = chosen.index_put((rows,), torch.stack(list(picks.values())))
-    tokens, is_finite = chosen.tolist(), finite.tolist()  # the step's one host sync
+    tokens, is_finite = torch.stack([chosen, finite.long()]).tolist()  # the step's one host sync
     logprobs = _logprobs(samplers, logits, tokens)
     results: list[Chosen] = []
     for row, token in enumerate(tokens):
