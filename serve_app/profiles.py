@@ -48,6 +48,9 @@ def cpu_demo_args(cache_dir: str | None = None, spec: TinyGlmSpec | None = None)
                 "device": "cpu",
                 "cpu_threads": CHAT_CPU_THREADS,
                 "max_num_seqs": 32,
+                # A 1,000-token prompt joins in four chunks, so running streams wait ~one chunk, not the whole
+                # prompt, per token (bench/chat.py --prompt-tokens 1000).
+                "prefill_chunk_tokens": 256,
                 # A full batch and a few more in the replica (on 2 cores a 256-token stream takes ~3 s at 32): what
                 # is admitted is done within seconds, so the server is itself again soon after an overload
                 # (bench/overload.py). Waiting past 10 s (behind 1024-token streams): 503 + Retry-After.
