@@ -680,24 +680,30 @@ def measure_limit(args: argparse.Namespace) -> dict[str, Any]:
 # The servers
 
 
-def demo_app(cache_dir: str | None, chat_threads: int | None) -> Any:
-    """The demo profile with the benchmark model; --chat-threads changes the chat replica's torch threads."""
-    from serve_app.profiles import build_demo_app
-
-    if chat_threads is None:
-        return build_demo_app({"cache_dir": cache_dir, "tiny_glm": BENCH_SPEC})
+def demo_app(cache_dir: str | None, chat_overrides: dict[str, Any]) -> Any:
+    """The demo profile with the benchmark model; `chat_overrides` change the chat model's config (--chat-threads
+    sets cpu_threads, --prefill-chunk-tokens prefill_chunk_tokens)."""
     from serve_app.builder import bind_graph, parse_config
     from serve_app.profiles import cpu_demo_args
     from serve_app.tiny_glm import TinyGlmSpec
 
     config = cpu_demo_args(cache_dir, TinyGlmSpec(**BENCH_SPEC))
-    config["chat_models"][0]["cpu_threads"] = chat_threads
+    config["chat_models"][0].update(chat_overrides)
     return bind_graph(parse_config(config))
 
 
-def serve_child(port: int, temp_dir: str, cache_dir: str | None, chat_threads: int | None) -> None:
+def chat_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if args.chat_threads:
+        overrides["cpu_threads"] = args.chat_threads
+    if args.prefill_chunk_tokens:
+        overrides["prefill_chunk_tokens"] = args.prefill_chunk_tokens
+    return overrides
+
+
+def serve_child(port: int, temp_dir: str, cache_dir: str | None, overrides: dict[str, Any]) -> None:
     """glm-serve's demo profile with the benchmark model, until SIGTERM."""
-    serve_until_sigterm(demo_app(cache_dir, chat_threads), port, temp_dir)
+    serve_until_sigterm(demo_app(cache_dir, overrides), port, temp_dir)
 
 
 def start_glm_serve(
@@ -712,6 +718,8 @@ def start_glm_serve(
         command += ["--cache-dir", args.cache_dir]
     if args.chat_threads:
         command += ["--chat-threads", str(args.chat_threads)]
+    if args.prefill_chunk_tokens:
+        command += ["--prefill-chunk-tokens", str(args.prefill_chunk_tokens)]
     log = open(log_path, "w")  # noqa: SIM115
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -934,6 +942,12 @@ def main() -> int:
         "--max-tokens", type=int, default=128, help="completion budget per request (default 128)"
     )
     parser.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=0,
+        help="the chat replica's (and the engine part's) prefill chunk (default: the CPU profile's)",
+    )
+    parser.add_argument(
         "--prompt-tokens",
         type=int,
         default=0,
@@ -991,7 +1005,7 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.serve_child:
-        serve_child(args.port, args.temp_dir, args.cache_dir, args.chat_threads)
+        serve_child(args.port, args.temp_dir, args.cache_dir, chat_overrides(args))
         return 0
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     needed = max(requests_for(c, args.rounds, args.c1_requests) for c in concurrencies) + max(concurrencies)
@@ -1135,6 +1149,8 @@ def run_child(flag: str, args: argparse.Namespace) -> dict[str, Any]:
         command += ["--cache-dir", args.cache_dir]
     if args.chat_threads:
         command += ["--chat-threads", str(args.chat_threads)]
+    if args.prefill_chunk_tokens:
+        command += ["--prefill-chunk-tokens", str(args.prefill_chunk_tokens)]
     with CpuWindow() as cpu:
         child = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     result: dict[str, Any] = {}
