@@ -63,6 +63,8 @@ class ChatCompletionRequest(_Request):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     n: Annotated[int, Field(ge=1)] = 1
     seed: int | None = None
+    # Token id (as a string, as JSON keys are) -> bias in [-100, 100] added to its logit before sampling.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -73,6 +75,14 @@ class ChatCompletionRequest(_Request):
     def _one_choice(cls, value: int) -> int:
         if value > 1:
             raise ValueError("n > 1 is not supported: send n separate requests (they share a batch)")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.isdigit() or int(key) >= 2**31:
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), not {key!r}")
         return value
 
     @field_validator("stop")
@@ -108,6 +118,7 @@ class ChatCompletionRequest(_Request):
             frequency_penalty=self.frequency_penalty,
             seed=self.seed,
             stop=tuple(stops),
+            logit_bias=tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items()),
         )
 
 

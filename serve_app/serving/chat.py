@@ -6,7 +6,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import cast
 
@@ -39,7 +40,7 @@ class PreparedChat:
     model: ModelHandle
     generate: GenerateRequest
     # The engine's increments, read once; the last one carries the finish reason.
-    chunks: AsyncIterator[GenerationChunk]
+    chunks: AsyncGenerator[GenerationChunk, None]
 
     @property
     def prompt_tokens(self) -> int:
@@ -98,9 +99,10 @@ class ChatService:
 
     async def complete(self, prepared: PreparedChat) -> ChatCompletionResponse:
         text, last = [], None
-        async for chunk in prepared.chunks:
-            text.append(chunk.text)
-            last = chunk
+        async with aclosing(prepared.chunks) as chunks:
+            async for chunk in chunks:
+                text.append(chunk.text)
+                last = chunk
         assert last is not None and last.finish_reason is not None
         return ChatCompletionResponse(
             id=new_completion_id(),
@@ -123,12 +125,13 @@ class ChatService:
         yield frame.delta({"role": "assistant", "content": ""})
         completion_tokens = 0
         try:
-            async for chunk in prepared.chunks:
-                completion_tokens = chunk.completion_tokens
-                if chunk.text:
-                    yield frame.delta({"content": chunk.text})
-                if chunk.finish_reason is not None:
-                    yield frame.delta({}, chunk.finish_reason)
+            async with aclosing(prepared.chunks) as chunks:
+                async for chunk in chunks:
+                    completion_tokens = chunk.completion_tokens
+                    if chunk.text:
+                        yield frame.delta({"content": chunk.text})
+                    if chunk.finish_reason is not None:
+                        yield frame.delta({}, chunk.finish_reason)
             if include_usage:
                 yield frame.usage(usage(prepared.prompt_tokens, completion_tokens))
         except Exception as exc:  # noqa: BLE001 - told to the client, then the stream ends properly
@@ -137,16 +140,22 @@ class ChatService:
         yield DONE
 
 
-async def _started(model: ModelHandle, generate: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+async def _started(model: ModelHandle, generate: GenerateRequest) -> AsyncGenerator[GenerationChunk, None]:
     """Send the request and wait for its first increment, so that a refusal (the deployment's queue is full) or a
     lost replica is raised while the answer can still be a status code, not an error event inside a 200 stream."""
-    chunks = cast(AsyncIterator[GenerationChunk], model.handle.generate.remote(generate))
+    response = model.handle.generate.remote(generate)
+    chunks = cast(AsyncIterator[GenerationChunk], response)
     first = await anext(chunks)
 
-    async def from_first() -> AsyncIterator[GenerationChunk]:
-        yield first
-        async for chunk in chunks:
-            yield chunk
+    async def from_first() -> AsyncGenerator[GenerationChunk, None]:
+        try:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            # Closed before the last chunk (the client went away): stop the generation on the replica now, not
+            # whenever this generator is garbage-collected; the engine then frees the sequence's slot.
+            response.cancel()
 
     return from_first()
 
