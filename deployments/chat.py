@@ -39,7 +39,9 @@ class ChatDeployment:
         device = resolve_device(config.device, config.cpu_threads)
         self._tokenizer = load_tokenizer(config)
         model = AutoModelForCausalLM.from_pretrained(
-            model_path(config), dtype=resolve_dtype(config.dtype, device), trust_remote_code=config.trust_remote_code
+            model_path(config),
+            dtype=resolve_dtype(config.dtype, device),
+            trust_remote_code=config.trust_remote_code,
         )
         model.to(device).eval()  # type: ignore[arg-type]
         self._model = model

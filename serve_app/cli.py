@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         "once into ~/.cache/glm-serve/converted); repeatable",
     )
     convert = commands.add_parser(
-        "convert", help="convert an original ChatGLM2-6B/ChatGLM3-6B folder to a native transformers GLM folder"
+        "convert",
+        help="convert an original ChatGLM2-6B/ChatGLM3-6B folder to a native transformers GLM folder",
     )
     convert.add_argument("src", metavar="SRC", help="the original folder (config.json model_type 'chatglm')")
     convert.add_argument("dst", metavar="DST", help="the folder to write (made if missing)")

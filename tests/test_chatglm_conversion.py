@@ -19,7 +19,14 @@ from serve_app.chatglm.checkpoint import (
     resolve,
 )
 from serve_app.chatglm.weights import CheckpointError
-from tests.chatglm_fixtures import CHATGLM2, CHATGLM3, TOKENIZER_MODEL, original_copy, reference, require_fixtures
+from tests.chatglm_fixtures import (
+    CHATGLM2,
+    CHATGLM3,
+    TOKENIZER_MODEL,
+    original_copy,
+    reference,
+    require_fixtures,
+)
 
 pytestmark = pytest.mark.usefixtures("fixtures_present")
 
@@ -63,8 +70,12 @@ def test_converted_model_gives_the_reference_logits_and_greedy_text(
         last = logits[-1]
         top = last.topk(20)
         assert top.indices.tolist() == [i for i, _ in prompt["last_logits_top20"]], name
-        assert all(_close(a, b) for a, (_, b) in zip(top.values.tolist(), prompt["last_logits_top20"], strict=True))
-        assert all(_close(last[i].item(), prompt["last_logits_at_fixed_ids"][str(i)]) for i in fixed_ids), name
+        assert all(
+            _close(a, b) for a, (_, b) in zip(top.values.tolist(), prompt["last_logits_top20"], strict=True)
+        )
+        assert all(_close(last[i].item(), prompt["last_logits_at_fixed_ids"][str(i)]) for i in fixed_ids), (
+            name
+        )
         assert _close(last.sum().item(), prompt["last_logits_sum"]), name
         assert _close(last.norm().item(), prompt["last_logits_l2"]), name
         assert logits.argmax(-1).tolist() == prompt["argmax_per_position"], name
@@ -160,16 +171,23 @@ def test_chatglm_6b_v1_is_refused_with_what_is_supported(tmp_path: Path) -> None
     config = json.loads((folder / "config.json").read_text())
     del config["padded_vocab_size"]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedCheckpoint, match=r"ChatGLM-6B \(first generation\).*supported: .*ChatGLM3-6B"):
+    with pytest.raises(
+        UnsupportedCheckpoint, match=r"ChatGLM-6B \(first generation\).*supported: .*ChatGLM3-6B"
+    ):
         resolve(str(folder), tmp_path / "cache")
 
 
 @pytest.mark.parametrize(
     "changes, named",
-    [({"rope_ratio": 50}, "rope_ratio=50"), ({"quantization_bit": 4}, "quantization_bit=4"),
-     ({"original_rope": False}, "original_rope=False")],
+    [
+        ({"rope_ratio": 50}, "rope_ratio=50"),
+        ({"quantization_bit": 4}, "quantization_bit=4"),
+        ({"original_rope": False}, "original_rope=False"),
+    ],
 )
-def test_chatglm_variants_we_cannot_convert_are_refused(tmp_path: Path, changes: dict[str, Any], named: str) -> None:
+def test_chatglm_variants_we_cannot_convert_are_refused(
+    tmp_path: Path, changes: dict[str, Any], named: str
+) -> None:
     with pytest.raises(UnsupportedCheckpoint, match=named):
         inspect_checkpoint(_with_config(tmp_path, **changes))
 
@@ -197,7 +215,9 @@ def test_replicas_converting_at_once_convert_once_and_share_the_result(tmp_path:
     assert checkpoint is not None
     results: list[Path] = []
     threads = [
-        threading.Thread(target=lambda: results.append(ensure_converted(checkpoint, tmp_path, progress=False)))
+        threading.Thread(
+            target=lambda: results.append(ensure_converted(checkpoint, tmp_path, progress=False))
+        )
         for _ in range(2)
     ]
     for thread in threads:

@@ -21,7 +21,14 @@ import torch
 
 from serve_app.chatglm.checkpoint import convert
 from serve_app.runtime import wait_until_healthy
-from tests.chatglm_fixtures import CHATGLM3, chat_messages, original_copy, reference, require_fixtures, tokenizer_reference
+from tests.chatglm_fixtures import (
+    CHATGLM3,
+    chat_messages,
+    original_copy,
+    reference,
+    require_fixtures,
+    tokenizer_reference,
+)
 
 APP = "chatglm"
 PREFIX = "/chatglm"
@@ -38,9 +45,15 @@ class Native:
     tokenizer: Any
 
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+        return list(
+            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)[
+                "input_ids"
+            ]
+        )
 
-    def greedy(self, prompt_ids: list[int], max_new_tokens: int, end_ids: list[int] | None = None) -> list[int]:
+    def greedy(
+        self, prompt_ids: list[int], max_new_tokens: int, end_ids: list[int] | None = None
+    ) -> list[int]:
         input_ids = torch.tensor([prompt_ids])
         out = self.model.generate(
             input_ids, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=end_ids or END_IDS
@@ -147,8 +160,12 @@ def _chat(url: str, model: str, messages: list[dict[str, Any]], stream: bool = F
             response = http.post("/v1/chat/completions", json=body)
             assert response.status_code == 200, response.text
             choice = response.json()["choices"][0]
-            return {"text": choice["message"]["content"], "finish": choice["finish_reason"], **response.json()["usage"]}
-        text, finish, usage = "", None, {}
+            return {
+                "text": choice["message"]["content"],
+                "finish": choice["finish_reason"],
+                **response.json()["usage"],
+            }
+        text, finish, usage = "", None, dict[str, Any]()
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
             for line in response.iter_lines():

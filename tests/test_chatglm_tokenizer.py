@@ -25,7 +25,9 @@ def chatglm2() -> Any:
     return build_tokenizer(TOKENIZER_MODEL, "chatglm2", 32768)
 
 
-def _chat_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None, sanitize: bool = False) -> list[int]:
+def _chat_ids(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None, sanitize: bool = False
+) -> list[int]:
     """As the tokenizer deployment tokenizes a chat (the template rendered, then encoded)."""
     ids = tokenizer.apply_chat_template(
         messages, tools=tools, add_generation_prompt=True, tokenize=True, sanitize_control_tokens=sanitize
@@ -35,10 +37,21 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None,
 
 def test_every_special_token_has_the_originals_id(chatglm3: Any) -> None:
     expected = tokenizer_reference()["special_token_ids"]
-    surfaces = {"sop": "<sop>", "eop": "<eop>", "eos(</s>)": "</s>", "pad(<unk>)": "<unk>", "bos(<s>)": "<s>", "unk": "<unk>"}
+    surfaces = {
+        "sop": "<sop>",
+        "eop": "<eop>",
+        "eos(</s>)": "</s>",
+        "pad(<unk>)": "<unk>",
+        "bos(<s>)": "<s>",
+        "unk": "<unk>",
+    }
     for name, token_id in expected.items():
         assert chatglm3.convert_tokens_to_ids(surfaces.get(name, name)) == token_id, name
-    assert (chatglm3.eos_token_id, chatglm3.pad_token_id, len(chatglm3)) == (2, 0, tokenizer_reference()["vocab_size"])
+    assert (chatglm3.eos_token_id, chatglm3.pad_token_id, len(chatglm3)) == (
+        2,
+        0,
+        tokenizer_reference()["vocab_size"],
+    )
     assert {"<|user|>", "<|observation|>", "[gMASK]", "<sop>"} <= set(chatglm3.all_special_tokens)
 
 
@@ -64,7 +77,9 @@ def test_chat_template_gives_build_chat_input_ids(chatglm3: Any, sanitize: bool)
     assert len(conversations) == 6
     for conversation in conversations:
         messages, tools = chat_messages(conversation)
-        assert _chat_ids(chatglm3, messages, tools, sanitize) == conversation["input_ids"], conversation["query"]
+        assert _chat_ids(chatglm3, messages, tools, sanitize) == conversation["input_ids"], conversation[
+            "query"
+        ]
 
 
 def test_tools_in_a_system_message_or_as_openai_tools_render_alike(chatglm3: Any) -> None:
@@ -83,7 +98,7 @@ def test_tools_without_a_system_message_get_chatglm3s_tool_system_turn(chatglm3:
     tools = [{"name": "now", "description": "现在几点", "parameters": {"type": "object", "properties": {}}}]
     text = chatglm3.apply_chat_template([{"role": "user", "content": "几点了"}], tools=tools, tokenize=False)
     assert text.startswith("[gMASK]<sop><|system|>\n Answer the following questions as best as you can.")
-    assert '"description": "现在几点"' in text and "\n    {\n        \"name\": \"now\"" in text
+    assert '"description": "现在几点"' in text and '\n    {\n        "name": "now"' in text
 
 
 def test_control_token_text_in_content_stays_text_when_sanitized(chatglm3: Any) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve_app.chatglm.tokenizer import Family, end_tokens, write_tokenizer
+from serve_app.chatglm.tokenizer import Family, build_tokenizer, end_tokens
 from serve_app.chatglm.weights import AttentionShape, convert_weights, source_shards
 
 SUPPORTED = (
@@ -113,7 +113,9 @@ def inspect_checkpoint(folder: Path) -> ChatGlmCheckpoint | None:
             "bidirectional prefix attention, post-LayerNorm blocks) has no native transformers equivalent and is "
             f"not supported; {SUPPORTED}"
         )
-    problems = [f"{key}={config.get(key)!r}" for key, value in _REQUIRED.items() if config.get(key, value) != value]
+    problems = [
+        f"{key}={config.get(key)!r}" for key, value in _REQUIRED.items() if config.get(key, value) != value
+    ]
     if config.get("quantization_bit"):
         problems.append(f"quantization_bit={config['quantization_bit']} (quantized weights)")
     if config.get("pre_seq_len"):
@@ -121,7 +123,9 @@ def inspect_checkpoint(folder: Path) -> ChatGlmCheckpoint | None:
     if config.get("rope_ratio", 1) != 1:
         problems.append(f"rope_ratio={config['rope_ratio']} (the 32k variants' scaled rotary positions)")
     if problems:
-        raise UnsupportedCheckpoint(f"{folder}: a ChatGLM variant that cannot be converted ({', '.join(problems)}); {SUPPORTED}")
+        raise UnsupportedCheckpoint(
+            f"{folder}: a ChatGLM variant that cannot be converted ({', '.join(problems)}); {SUPPORTED}"
+        )
     return ChatGlmCheckpoint(folder=folder, family=_family(folder, config), config=config)
 
 
@@ -151,7 +155,9 @@ def glm_config(checkpoint: ChatGlmCheckpoint, end_ids: list[int]) -> Any:
     )
 
 
-def convert(source: Path, output: Path, tokenizer_model: Path | None = None, progress: bool = True) -> ChatGlmCheckpoint:
+def convert(
+    source: Path, output: Path, tokenizer_model: Path | None = None, progress: bool = True
+) -> ChatGlmCheckpoint:
     """Write the native GlmForCausalLM folder of the original checkpoint `source` into `output` (made if
     missing). `tokenizer_model` overrides the source's tokenizer.model (ChatGLM2's and ChatGLM3's are the same
     file)."""
@@ -165,14 +171,14 @@ def convert(source: Path, output: Path, tokenizer_model: Path | None = None, pro
         raise UnsupportedCheckpoint(f"{source} has no tokenizer.model (the SentencePiece model to convert)")
     output.mkdir(parents=True, exist_ok=True)
     window = int(checkpoint.config.get("seq_length", 2048))
-    write_tokenizer(sentencepiece, checkpoint.family, window, output)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(output)
+    tokenizer = build_tokenizer(sentencepiece, checkpoint.family, window)
+    tokenizer.save_pretrained(output)
     end_ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in end_tokens(checkpoint.family)]
     glm_config(checkpoint, end_ids).save_pretrained(output)
     GenerationConfig(eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id).save_pretrained(output)
-    convert_weights(source, output, checkpoint.attention, checkpoint.num_layers, checkpoint.qkv_bias, progress)
+    convert_weights(
+        source, output, checkpoint.attention, checkpoint.num_layers, checkpoint.qkv_bias, progress
+    )
     return checkpoint
 
 
@@ -204,8 +210,12 @@ def ensure_converted(checkpoint: ChatGlmCheckpoint, cache_root: Path, progress: 
         try:
             started = time.perf_counter()
             convert(checkpoint.folder, staging, progress=progress)
-            record = {"source": str(checkpoint.folder), "family": checkpoint.family, "format": _FORMAT,
-                      "seconds": round(time.perf_counter() - started, 2)}
+            record = {
+                "source": str(checkpoint.folder),
+                "family": checkpoint.family,
+                "format": _FORMAT,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
             (staging / _MARKER).write_text(json.dumps(record))
             if folder.exists():  # without a marker: not ours to keep (made by hand, or by an older layout)
                 shutil.rmtree(folder)

@@ -12,7 +12,9 @@ newline after a block tag.
 from __future__ import annotations
 
 # What ChatGLM3's tool-using demos put in the system turn when the client sends tools and no system message.
-CHATGLM3_TOOLS_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
+CHATGLM3_TOOLS_SYSTEM = (
+    "Answer the following questions as best as you can. You have access to the following tools:"
+)
 
 # ChatGLM3: "[gMASK]<sop>", then per message "<|role|>{metadata}\n {content}", then "<|assistant|>".
 # Tools (OpenAI's {"type": "function", "function": {...}} or bare function dicts, from `tools=` or a system

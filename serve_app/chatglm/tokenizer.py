@@ -8,7 +8,7 @@ the original does. The control tokens come after the SentencePiece vocabulary, i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from serve_app.chatglm.templates import CHATGLM2_TEMPLATE, CHATGLM3_TEMPLATE
 
@@ -37,7 +37,7 @@ def end_tokens(family: Family) -> tuple[str, ...]:
     return ("</s>", "<|user|>", "<|observation|>") if family == "chatglm3" else ("</s>",)
 
 
-def build_tokenizer(sentencepiece_model: Path, family: Family, model_max_length: int) -> object:
+def build_tokenizer(sentencepiece_model: Path, family: Family, model_max_length: int) -> Any:
     """A `PreTrainedTokenizerFast` equivalent to the original ChatGLM2/ChatGLM3 tokenizer."""
     from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
@@ -67,13 +67,10 @@ def build_tokenizer(sentencepiece_model: Path, family: Family, model_max_length:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<unk>",
-        additional_special_tokens=[t for t in _SENTENCEPIECE_CONTROLS if t not in ("<unk>", "</s>")] + list(added),
+        additional_special_tokens=[t for t in _SENTENCEPIECE_CONTROLS if t not in ("<unk>", "</s>")]
+        + list(added),
         chat_template=chat_template(family),
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
         padding_side="left",
     )
-
-
-def write_tokenizer(sentencepiece_model: Path, family: Family, model_max_length: int, folder: Path) -> None:
-    build_tokenizer(sentencepiece_model, family, model_max_length).save_pretrained(folder)  # type: ignore[attr-defined]

@@ -68,7 +68,10 @@ class AttentionShape:
 
 def source_shards(folder: Path) -> list[Path]:
     """The weight files of an original checkpoint, in index order: safetensors preferred over pickles."""
-    for index_name, single in ((_SAFETENSORS_INDEX, "model.safetensors"), (_PICKLE_INDEX, "pytorch_model.bin")):
+    for index_name, single in (
+        (_SAFETENSORS_INDEX, "model.safetensors"),
+        (_PICKLE_INDEX, "pytorch_model.bin"),
+    ):
         index = folder / index_name
         if index.exists():
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -175,7 +178,9 @@ def convert_weights(
     files: list[str] = []
     for number, shard in enumerate(shards, start=1):
         out_name = (
-            "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            "model.safetensors"
+            if len(shards) == 1
+            else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         )
         converted: list[tuple[str, Any]] = []
         bar = tqdm(desc=f"shard {number}/{len(shards)} {shard.name}", unit="tensor", disable=not progress)
