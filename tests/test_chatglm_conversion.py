@@ -232,3 +232,32 @@ def test_replicas_converting_at_once_convert_once_and_share_the_result(tmp_path:
     mtime = (results[0] / "model.safetensors").stat().st_mtime_ns
     assert resolve(str(CHATGLM3), tmp_path) == str(results[0])
     assert (results[0] / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_glm_serve_convert_writes_a_folder_the_auto_classes_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from serve_app.cli import main
+
+    assert (
+        main(["convert", str(CHATGLM2), str(tmp_path / "native"), "--tokenizer-model", str(TOKENIZER_MODEL)])
+        == 0
+    )
+    assert "chatglm2 checkpoint converted" in capsys.readouterr().out
+    assert AutoConfig.from_pretrained(tmp_path / "native").model_type == "glm"
+    assert AutoTokenizer.from_pretrained(tmp_path / "native").encode("你好") == [64790, 64792, 36474, 54591]
+    # ChatGLM2's fixture has no tokenizer.model of its own: refused with a message, not a traceback.
+    assert main(["convert", str(CHATGLM2), str(tmp_path / "again")]) == 2
+    assert "has no tokenizer.model" in capsys.readouterr().err
+
+
+def test_demo_serves_an_extra_chat_model_after_the_default() -> None:
+    from serve_app.builder import parse_config
+    from serve_app.profiles import cpu_demo_args, extra_chat_model
+
+    config = parse_config(cpu_demo_args(extra_chat_models=[extra_chat_model(str(CHATGLM3))]))
+    assert [m.name for m in config.chat_models] == ["tiny-glm", "chatglm3-tiny"]
+    assert config.chat_models[1].path == str(CHATGLM3)
+    assert config.chat_models[1].deployment.ray_actor_options.num_gpus == 0
