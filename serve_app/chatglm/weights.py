@@ -34,6 +34,7 @@ _IN_LAYER = {
     "mlp.dense_h_to_4h.weight": "mlp.gate_up_proj.weight",
     "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight",
 }
+_FUSED_QKV = "self_attention.query_key_value."
 _SAFETENSORS_DTYPES = {
     "float32": "F32",
     "float16": "F16",
@@ -115,8 +116,8 @@ def native_tensors(name: str, tensor: Any, attention: AttentionShape) -> list[tu
     prefix = f"model.layers.{layer}."
     if rest in _IN_LAYER:
         return [(prefix + _IN_LAYER[rest], tensor)]
-    kind = rest.removeprefix("self_attention.query_key_value.")
-    if kind in ("weight", "bias") and rest.startswith("self_attention.query_key_value."):
+    kind = rest.removeprefix(_FUSED_QKV)
+    if rest.startswith(_FUSED_QKV) and kind in ("weight", "bias"):
         q, k, v = attention.split(tensor)
         return [(f"{prefix}self_attn.{p}_proj.{kind}", t) for p, t in zip("qkv", (q, k, v), strict=True)]
     raise CheckpointError(f"unknown tensor {name!r}: not a ChatGLM2/ChatGLM3 parameter")
