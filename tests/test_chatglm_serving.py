@@ -127,19 +127,30 @@ def stopping(native: Native, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def chatglm_url(base_url: str, stopping: Stopping) -> Iterator[str]:
+def conversion_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The replicas' cache of converted models (GLM_SERVE_CACHE in their environment): empty at start, so they
+    convert, and private, so test runs leave nothing in the user's cache."""
+    return tmp_path_factory.mktemp("glm-serve-cache")
+
+
+@pytest.fixture(scope="module")
+def chatglm_url(base_url: str, stopping: Stopping, conversion_cache: Path) -> Iterator[str]:
     from ray import serve
 
     from serve_app.builder import bind_graph, parse_config
     from serve_app.profiles import extra_chat_model
 
+    actor = {"num_cpus": 0.1, "env_vars": {"GLM_SERVE_CACHE": str(conversion_cache)}}
+
     def chat_model(path: Path, name: str) -> dict[str, Any]:
-        # The original folders themselves: the replicas convert them (once, under a lock) into the node's cache.
-        return extra_chat_model(str(path), name=name, num_cpus=0.1, max_num_seqs=8, max_model_len=512)
+        # The original folders themselves: the replicas convert them (once, under a lock) into the cache.
+        model = extra_chat_model(str(path), name=name, max_num_seqs=8, max_model_len=512)
+        model["deployment"]["ray_actor_options"] = actor
+        return model
 
     args = {
         "chat_models": [chat_model(CHATGLM3, MODEL), chat_model(stopping.folder, STOPPING_MODEL)],
-        "tokenizer": SMALL,
+        "tokenizer": {"num_replicas": 1, "ray_actor_options": actor},
         "ingress": SMALL,
     }
     serve.run(bind_graph(parse_config(args)), name=APP, route_prefix=PREFIX)
@@ -149,6 +160,18 @@ def chatglm_url(base_url: str, stopping: Stopping) -> Iterator[str]:
         yield url
     finally:
         serve.delete(APP)
+
+
+def test_chat_and_tokenizer_replicas_share_one_conversion_per_model(
+    chatglm_url: str, conversion_cache: Path
+) -> None:
+    converted = conversion_cache / "converted"
+    folders = sorted(p for p in converted.iterdir() if p.is_dir())
+    # One folder per model (no second conversion, no staging folder left), each complete.
+    assert [p.name.rsplit("-", 1)[0] for p in folders] == [MODEL, STOPPING_MODEL]
+    for folder in folders:
+        assert json.loads((folder / "chatglm-conversion.json").read_text())["family"] == "chatglm3"
+        assert json.loads((folder / "config.json").read_text())["model_type"] == "glm"
 
 
 def _chat(url: str, model: str, messages: list[dict[str, Any]], stream: bool = False) -> dict[str, Any]:

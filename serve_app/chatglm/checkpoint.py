@@ -207,6 +207,7 @@ def ensure_converted(checkpoint: ChatGlmCheckpoint, cache_root: Path, progress: 
         if (folder / _MARKER).exists():
             return folder
         staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=cache_root))
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the result from replicas running as another user
         try:
             started = time.perf_counter()
             convert(checkpoint.folder, staging, progress=progress)
