@@ -29,20 +29,36 @@ class TokenizerDeployment:
             raise ModelNotFound(model) from None
 
     def render_chat(
-        self, model: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> ChatPrompt:
+        """The prompt of a conversation: only the template's own structure makes control tokens.
+
+        Every string in `messages` and `tools` (contents, names, metadata, tool calls and definitions) is client
+        text: a control token's text in it (`<|user|>`, `[gMASK]`...) is encoded as that text's plain pieces,
+        never as the token. Text without any tokenizes exactly as a one-pass encode of the rendered template.
+        """
         tokenizer = self._tokenizer(model)
         try:
-            text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            # transformers marks the control tokens found in the inputs before rendering and encodes the marked
+            # ones as text (`mark_control_tokens`, `encode_marked_chat`); a rendered chat with no marks is one
+            # encode, as before. The template already writes the special prefix tokens.
+            token_ids = tokenizer.apply_chat_template(
+                messages,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=True,
+                sanitize_control_tokens=True,
+                return_dict=False,
             )
         except Exception as exc:  # noqa: BLE001 - a template may reject a conversation (role order, missing fields)
             raise InvalidRequest(
                 f"the chat template rejected these messages: {exc}", param="messages"
             ) from None
-        # The template already wrote the special prefix tokens.
-        token_ids = tokenizer.encode(text, add_special_tokens=False)
-        return ChatPrompt(token_ids=token_ids, max_model_len=self._windows[model])
+        return ChatPrompt(token_ids=list(token_ids), max_model_len=self._windows[model])
 
     def encode(self, model: str, text: str, add_special_tokens: bool = True) -> ChatPrompt:
         token_ids = self._tokenizer(model).encode(text, add_special_tokens=add_special_tokens)

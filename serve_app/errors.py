@@ -6,6 +6,7 @@ client error found deep in a replica still reaches the client as its 4xx.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Coroutine
@@ -221,6 +222,29 @@ class ServingRoute(APIRoute):
         return answer_serving_failures
 
 
+def seed_validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """FastAPI's 422 list, as the seeds answered, less an `input` that JSON cannot carry back to the client (NaN,
+    a lone surrogate, nesting past the encoder's depth): echoing it would make the answer itself fail (a 500)."""
+    detail = []
+    for error in exc.errors():
+        encoded = _encodable(error)
+        if encoded is None:
+            without_input = {k: v for k, v in error.items() if k != "input"}
+            encoded = _encodable(without_input) or {"msg": str(error.get("msg"))}
+        detail.append(encoded)
+    return detail
+
+
+def _encodable(value: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        encoded: dict[str, Any] = jsonable_encoder(value)
+        # What JSONResponse does with it.
+        json.dumps(encoded, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return None
+    return encoded
+
+
 class SeedRoute(ServingRoute):
     """Routes kept from the seed servers answer errors as those did: FastAPI's `{"detail": ...}` body, with 422
     for a malformed body, instead of the OpenAI envelope the /v1 routes use."""
@@ -232,7 +256,7 @@ class SeedRoute(ServingRoute):
             try:
                 return await handler(request)
             except RequestValidationError as exc:
-                return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+                return JSONResponse({"detail": seed_validation_detail(exc)}, status_code=422)
             except APIError as exc:
                 return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=exc.headers)
             except StarletteHTTPException as exc:  # e.g. a body that is not even text

@@ -74,7 +74,7 @@ class TinyGlmSpec:
 
 
 _MARKER = "tiny-glm.json"
-_FORMAT = "2"  # bumped whenever what _build writes changes, so stale cached folders are not reused
+_FORMAT = "3"  # bumped whenever what _build writes changes, so stale cached folders are not reused
 
 
 def default_cache_dir() -> Path:
@@ -150,6 +150,9 @@ def _build(folder: Path, spec: TinyGlmSpec) -> None:
         pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS[1:],
         chat_template=CHAT_TEMPLATE,
+        # The tokens that say who speaks: text typed by a client is never encoded as one of them (the template
+        # builds `<|role|>` from pieces, so they cannot be found in its text; listing them says so).
+        chat_control_tokens=SPECIAL_TOKENS,
         model_max_length=spec.max_position_embeddings,
         clean_up_tokenization_spaces=False,
     )

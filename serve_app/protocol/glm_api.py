@@ -6,6 +6,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.protocol.bounds import (
+    MaxTokensOrZero,
+    NonEmptyText,
+    RepetitionPenalty,
+    Temperature,
+    Text,
+    TopP,
+)
 from serve_app.protocol.engine import FinishReason
 from serve_app.protocol.openai import AssistantMessage, ChatCompletionRequest, ChatMessage, UsageInfo
 
@@ -16,8 +24,8 @@ class GlmMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "observation"]
-    content: str
-    metadata: str | None = None
+    content: Text
+    metadata: Text | None = None
     tools: list[dict[str, Any]] | None = None  # accepted as GLM-API did; the chat template decides their use
 
 
@@ -25,13 +33,13 @@ class GlmChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # GLM-API ignored fields it did not know
 
     messages: Annotated[list[GlmMessage], Field(min_length=1)]
-    model: str | None = None
+    model: Text | None = None
     stream: bool = False
     chunk: bool = True  # streamed deltas carry only the new text (true) or the whole text so far (false)
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    max_tokens: Annotated[int | None, Field(ge=0)] = GLM_DEFAULT_MAX_TOKENS  # null or 0: the default
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.1
+    temperature: Temperature = 0.7
+    top_p: TopP = 1.0
+    max_tokens: MaxTokensOrZero | None = GLM_DEFAULT_MAX_TOKENS  # null or 0: the default
+    repetition_penalty: RepetitionPenalty = 1.1
 
     def to_openai(self) -> ChatCompletionRequest:
         return ChatCompletionRequest(
@@ -86,8 +94,8 @@ class GlmStreamError(BaseModel):
 
 
 class GlmEmbeddingRequest(BaseModel):
-    model: str | None = None
-    prompt: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    model: Text | None = None
+    prompt: Annotated[list[NonEmptyText], Field(min_length=1)]
 
 
 class GlmEmbeddingResponse(BaseModel):
@@ -99,9 +107,9 @@ class GlmEmbeddingResponse(BaseModel):
 class GlmTokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str
-    max_tokens: Annotated[int, Field(ge=0)] = GLM_DEFAULT_MAX_TOKENS
-    model: str | None = None
+    prompt: Text
+    max_tokens: MaxTokensOrZero = GLM_DEFAULT_MAX_TOKENS
+    model: Text | None = None
 
 
 class GlmTokenizeResponse(BaseModel):

@@ -12,6 +12,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serve_app.protocol.bounds import (
+    INT64_MAX,
+    MaxTokens,
+    Penalty,
+    RepetitionPenalty,
+    Seed,
+    Temperature,
+    Text,
+    TopK,
+    TopP,
+)
 from serve_app.protocol.engine import FinishReason, SamplingParams
 
 
@@ -21,15 +32,15 @@ class _Request(BaseModel):
 
 class TextContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "observation", "tool", "developer"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    content: Text | list[TextContentPart] | None = None
+    name: Text | None = None
     # ChatGLM3's tool-call metadata, rendered after the role tag by its chat template.
-    metadata: str | None = None
+    metadata: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -50,25 +61,25 @@ class StreamOptions(_Request):
 
 
 class ChatCompletionRequest(_Request):
-    model: str | None = None
+    model: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int | None, Field(ge=1)] = None
-    max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     # Left out (None): the model's own default from its generation_config, else OpenAI's.
-    temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
-    top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
-    top_k: Annotated[int | None, Field(ge=-1)] = None
-    repetition_penalty: Annotated[float | None, Field(gt=0.0, le=10.0)] = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    n: Annotated[int, Field(ge=1)] = 1
-    seed: int | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    n: Annotated[int, Field(ge=1, le=INT64_MAX)] = 1
+    seed: Seed | None = None
     # Token id (as a string, as JSON keys are) -> bias in [-100, 100] added to its logit before sampling.
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=16)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
 
     @field_validator("n")
     @classmethod
@@ -182,11 +193,11 @@ class ChatCompletionChunk(BaseModel):
 
 
 class EmbeddingRequest(_Request):
-    model: str | None = None
-    input: str | Annotated[list[str], Field(min_length=1)]
+    model: Text | None = None
+    input: Text | Annotated[list[Text], Field(min_length=1)]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int | None, Field(ge=1)] = None
-    user: str | None = None
+    dimensions: Annotated[int | None, Field(ge=1, le=INT64_MAX)] = None
+    user: Text | None = None
 
     @field_validator("input")
     @classmethod

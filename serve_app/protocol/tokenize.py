@@ -6,14 +6,15 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve_app.protocol.bounds import Text, TokenId
 from serve_app.protocol.openai import ChatMessage
 
 
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: Annotated[list[ChatMessage] | None, Field(min_length=1)] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
@@ -34,8 +35,8 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
+    model: Text | None = None
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(BaseModel):

@@ -6,25 +6,26 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.protocol.bounds import MaxTokens, Temperature, Text, TopP
 from serve_app.protocol.openai import ChatCompletionRequest, ChatMessage
 
 # The seed's generation settings (ChatGLM-6B's stream_chat defaults).
 WEB_DEMO_TEMPERATURE = 0.95
 WEB_DEMO_TOP_P = 0.7
 
-Exchange = Annotated[list[str], Field(min_length=2, max_length=2)]  # [question, answer]
+Exchange = Annotated[list[Text], Field(min_length=2, max_length=2)]  # [question, answer]
 
 
 class WebChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    query: str
+    query: Text
     history: list[Exchange] = Field(default_factory=list)
     # Not in the seed; optional so its clients are unaffected.
-    model: str | None = None
-    max_tokens: Annotated[int | None, Field(ge=1)] = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = WEB_DEMO_TEMPERATURE
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = WEB_DEMO_TOP_P
+    model: Text | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature = WEB_DEMO_TEMPERATURE
+    top_p: TopP = WEB_DEMO_TOP_P
 
     def to_openai(self) -> ChatCompletionRequest:
         messages = []
