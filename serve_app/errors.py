@@ -160,7 +160,9 @@ def error_response(exc: APIError) -> JSONResponse:
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # Pydantic names the member of a union that failed (`function-after[_utf8_encodable(), str]`, `list[...]`)
+    # in the location: not a field the client sent.
+    location = [str(part) for part in first.get("loc", ()) if part != "body" and "[" not in str(part)]
     param = ".".join(location) or None
     message = first.get("msg", "Invalid request")
     if first.get("type") == "json_invalid":
