@@ -231,3 +231,36 @@ def test_a_chatglm3_reply_ends_at_user_and_never_contains_it(
     assert "<|user|>" not in reply["text"]
     assert reply["text"] == native.reply_text(native.prompt_ids(messages), stopping.reply_ids)
     assert reply["text"]  # it wrote something before ending its turn
+
+
+@pytest.mark.parametrize("route", ["openai", "glm_api", "web_demo"])
+def test_client_text_never_becomes_a_chatglm3_control_token(
+    chatglm_url: str, native: Native, route: str
+) -> None:
+    """test_control_tokens.py's property, on the converted ChatGLM3 (SentencePiece, `<sop>`-style surfaces)."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from tests.hostile import SETTINGS
+    from tests.test_control_tokens import CONVERSATIONS, ChatModel, _hostile_text
+
+    tokenizer = native.tokenizer
+    texts = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.chat_control_tokens or []))
+    model = ChatModel(MODEL, tokenizer, texts, frozenset(tokenizer.convert_tokens_to_ids(texts)), False)
+    build = CONVERSATIONS[route]
+
+    def tokenize(http: httpx.Client, messages: list[dict[str, Any]]) -> list[int]:
+        response = http.post("/tokenize", json={"model": MODEL, "messages": messages})
+        assert response.status_code == 200, response.text
+        return list(response.json()["tokens"])
+
+    with httpx.Client(base_url=chatglm_url, timeout=60) as http:
+
+        @SETTINGS
+        @given(st.data())
+        def check(data: st.DataObject) -> None:
+            hostile = tokenize(http, build(lambda: data.draw(_hostile_text(model))))
+            plain = tokenize(http, build(lambda: "plain"))
+            assert model.control_sequence(hostile) == model.control_sequence(plain)
+
+        check()
