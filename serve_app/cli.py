@@ -11,7 +11,14 @@ import time
 
 import httpx
 
-from serve_app.runtime import PortInUse, check_port_free, metrics_url, serving, stop_on_signals
+from serve_app.runtime import (
+    PortInUse,
+    check_port_free,
+    exit_at_once,
+    metrics_url,
+    serving,
+    stop_on_signals,
+)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -36,7 +43,7 @@ def _demo(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         print("glm-serve stopped.", flush=True)
-        return 0
+        exit_at_once(0)
 
 
 def _positive_int(text: str) -> int:
