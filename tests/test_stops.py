@@ -139,7 +139,7 @@ def test_sigterm_mid_stream_with_a_hung_replica_ends_the_stream_and_every_proces
         "temperature": 0,
     }
     events: list[str] = []
-    took_s, left = 0.0, []
+    took_s, left = 0.0, list[psutil.Process]()
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
         for line in response.iter_lines():
             if not line:
