@@ -23,18 +23,10 @@ import psutil
 import pytest
 
 from serve_app import process_tree
+from tests.conftest import _free_port
 
 GLM_SERVE = str(Path(sys.executable).with_name("glm-serve"))
 STOP_WITHIN_S = 5.0
-
-
-def _free_port() -> int:
-    # Above Ray's worker ports (10002-19999), apart from conftest's 28xxx.
-    for port in range(26000, 27000):
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) != 0:
-                return port
-    raise RuntimeError("no free port in 26000-26999")
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 240) -> None:
