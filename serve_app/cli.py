@@ -30,7 +30,7 @@ def _demo(args: argparse.Namespace) -> int:
         check_port_free(args.host, args.port)
         app = build_demo_app({"cache_dir": args.cache_dir})
         with serving(app, args.host, args.port, metrics_port=args.metrics_port) as url:
-            models = [card["id"] for card in httpx.get(f"{url}/v1/models").json()["data"]]
+            models = [card["id"] for card in httpx.get(f"{url}/v1/models", timeout=60).json()["data"]]
             print(f"glm-serve is ready at {url}  (models: {', '.join(models)})", flush=True)
             print(f"Prometheus metrics (Ray's and glm-serve's): {metrics_url()}", flush=True)
             print(
