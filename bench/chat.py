@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _server import interrupt_on_sigterm, stop_server
 from embeddings import (
     CHAT_MODEL,
     RESULTS,
@@ -57,7 +57,6 @@ from embeddings import (
     ratio,
     serve_until_sigterm,
     settle,
-    stop_process,
     wait_http_ok,
 )
 
@@ -753,32 +752,6 @@ def start_peer(args: argparse.Namespace, folder: Path, port: int, log_path: Path
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM the server, then whatever it left in its session (Ray's agents can outlive their raylet)."""
-    stop_process(proc)
-    sid = proc.pid  # started with start_new_session=True: its session id is its pid
-    deadline = time.monotonic() + 10
-    while True:
-        left = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    raw = Path(f"/proc/{entry}/stat").read_text()
-                except OSError:
-                    continue
-                fields = raw[raw.rindex(")") + 2 :].split()
-                if int(fields[3]) == sid and fields[0] != "Z":
-                    left.append(int(entry))
-        if not left:
-            return
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGTERM if time.monotonic() < deadline else signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Report
 
@@ -1007,6 +980,7 @@ def main() -> int:
     if args.serve_child:
         serve_child(args.port, args.temp_dir, args.cache_dir, chat_overrides(args))
         return 0
+    interrupt_on_sigterm()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     needed = max(requests_for(c, args.rounds, args.c1_requests) for c in concurrencies) + max(concurrencies)
     args.prompts = max(args.prompts, needed)

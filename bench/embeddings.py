@@ -26,7 +26,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _server import interrupt_on_sigterm, stop_server  # the script's folder is on sys.path
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -171,14 +171,7 @@ def wait_http_ok(url: str, timeout_s: float, proc: subprocess.Popen | None = Non
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_server(proc, timeout_s)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -331,20 +324,21 @@ GLM_PROBES = {
 
 
 def serve_until_sigterm(app: Any, port: int, temp_dir: str) -> None:
-    """Runs in a server subprocess (this one's and bench/chat.py's): `app` on `port` until SIGTERM."""
-    import threading
+    """Runs in a server subprocess (this one's and bench/chat.py's): `app` on `port` until SIGTERM, which
+    stops every process of it within seconds, also while it is still starting."""
+    from serve_app.runtime import exit_at_once, serving, stop_on_signals
 
-    from serve_app.runtime import serving
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop_on_signals()
     # BENCH_ACCESS_LOG=0 measures the app with Serve's per-request access log lines off (a logging_config
     # setting, not an environment variable, so the bench passes it to serve.run itself).
     logging_config = {"enable_access_log": False} if os.environ.get("BENCH_ACCESS_LOG") == "0" else None
-    with serving(app, port=port, logging_config=logging_config, _temp_dir=temp_dir):
-        print("SERVE-CHILD-READY", flush=True)
-        while not stop.is_set():
-            stop.wait(0.5)
+    try:
+        with serving(app, port=port, logging_config=logging_config, _temp_dir=temp_dir):
+            print("SERVE-CHILD-READY", flush=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        exit_at_once(0)
 
 
 def serve_child(port: int, temp_dir: str) -> None:
@@ -511,6 +505,7 @@ def main() -> int:
     if args.serve_child:
         serve_child(args.port, args.temp_dir)
         return 0
+    interrupt_on_sigterm()
     if args.limit_child:
         limit = measure_limit(make_sentences(args.sentences), [int(b) for b in args.batch_sizes.split(",")])
         print("LIMIT-JSON " + json.dumps(limit), flush=True)

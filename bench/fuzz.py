@@ -139,8 +139,10 @@ def demo_app() -> Iterator[str]:
     """The demo profile on a private Ray, as the test session runs it."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from serve_app.profiles import build_demo_app
-    from serve_app.runtime import serving
+    from serve_app.runtime import serving, stop_on_signals
     from tests.conftest import _free_port
+
+    stop_on_signals()  # Ctrl-C/SIGTERM: stop the app's every process within seconds, also while it starts
 
     ray_dir = tempfile.mkdtemp(prefix="ray-fuzz-", dir="/tmp")
     # The replicas log every request: kept in their log files rather than between this script's figures.

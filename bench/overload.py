@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _server import interrupt_on_sigterm
 from embeddings import (  # the sibling benchmark's helpers (the script's folder is on sys.path)
     RESULTS,
     machine_busy,
@@ -403,6 +404,7 @@ def print_phase(title: str, phase: dict[str, Any], seconds: float) -> None:
 
 
 def main() -> int:
+    interrupt_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -6,36 +6,44 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
+import time
 
 import httpx
 
-from serve_app.runtime import metrics_url, serving
+from serve_app.runtime import (
+    PortInUse,
+    check_port_free,
+    exit_at_once,
+    metrics_url,
+    serving,
+    stop_on_signals,
+)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from serve_app.profiles import build_demo_app
 
-    stop = threading.Event()
-
-    def stop_on_signals() -> None:
-        # After ray.init, whose own SIGTERM handler would abort the process without stopping Serve and Ray.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-
-    app = build_demo_app({"cache_dir": args.cache_dir, "chat_models": args.chat_model or []})
-    with serving(
-        app, args.host, args.port, metrics_port=args.metrics_port, on_ray_started=stop_on_signals
-    ) as url:
-        models = [card["id"] for card in httpx.get(f"{url}/v1/models").json()["data"]]
-        print(f"glm-serve is ready at {url}  (models: {', '.join(models)})", flush=True)
-        print(f"Prometheus metrics (Ray's and glm-serve's): {metrics_url()}", flush=True)
-        print("The tiny chat model has random weights: its replies are gibberish. Ctrl-C stops.", flush=True)
-        while not stop.is_set():
-            stop.wait(0.5)
-    return 0
+    # First, so that Ctrl-C/SIGTERM at any point (building the model, starting Ray, deploying) stops everything.
+    stop_on_signals()
+    try:
+        check_port_free(args.host, args.port)
+        app = build_demo_app({"cache_dir": args.cache_dir, "chat_models": args.chat_model or []})
+        with serving(app, args.host, args.port, metrics_port=args.metrics_port) as url:
+            models = [card["id"] for card in httpx.get(f"{url}/v1/models", timeout=60).json()["data"]]
+            print(f"glm-serve is ready at {url}  (models: {', '.join(models)})", flush=True)
+            print(f"Prometheus metrics (Ray's and glm-serve's): {metrics_url()}", flush=True)
+            print(
+                "The tiny chat model has random weights: its replies are gibberish. Ctrl-C stops.", flush=True
+            )
+            while True:
+                time.sleep(3600)
+    except PortInUse as exc:
+        print(f"glm-serve: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("glm-serve stopped.", flush=True)
+        exit_at_once(0)
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import signal
+import socket
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
+import psutil
+
+from serve_app import process_tree
+
+log = logging.getLogger(__name__)
 
 # Read by Ray's own processes when they start, so they must be in the environment before ray.init.
 SERVE_ENV = {
@@ -29,11 +39,117 @@ SERVE_ENV = {
 }
 
 
+class PortInUse(RuntimeError):
+    """A port the server needs is already held (by anything: another program, an earlier glm-serve's leftovers)."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise PortInUse if a server could not listen on host:port; checked before Ray starts, which otherwise
+    comes up, deploys, and only then fails (or, worse, leaves the old listener answering)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As the HTTP server binds: with SO_REUSEADDR a closed connection's TIME_WAIT is no conflict, a listener is.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise PortInUse(
+                f"{host}:{port} is already in use ({exc.strerror}): stop what holds it "
+                "(an earlier glm-serve too) or choose another port"
+            ) from None
+
+
+class _RayProcesses:
+    """The processes this process's ray.init started: its new direct children (GCS, raylet, log monitor...) and
+    everything below them (workers, replicas, agents). Found by PID from this process, never by name: other Ray
+    clusters may run on the machine."""
+
+    def __init__(self) -> None:
+        self._before: set[int] | None = None
+        self._roots: list[psutil.Process] = []
+        self.http_port: int | None = None
+
+    def starting(self, http_port: int) -> None:
+        self.http_port = http_port
+        self._before = {child.pid for child in psutil.Process().children()}
+        self._roots = []
+
+    def started(self) -> None:
+        self._roots = self._new_children()
+
+    def tree(self) -> list[psutil.Process]:
+        # Interrupted inside ray.init, the roots were never recorded: whatever it had started by then.
+        roots = self._roots or self._new_children()
+        return process_tree.descendants(roots)
+
+    def forget(self) -> None:
+        self._before, self._roots, self.http_port = None, [], None
+
+    def _new_children(self) -> list[psutil.Process]:
+        if self._before is None:
+            return []
+        return [child for child in psutil.Process().children() if child.pid not in self._before]
+
+
+_ray_processes = _RayProcesses()
+_stopping = threading.Event()
+_interrupted = threading.Event()
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM stop the server `serving` runs, within seconds, wherever it is (starting, deploying,
+    waiting for health, serving): the first raises KeyboardInterrupt in the main thread, so `serving`'s cleanup
+    runs; a second one, or one during that cleanup, kills Ray's processes at once and exits (128 + signal).
+    Call from the main thread; `start_serve` keeps these handlers through ray.init."""
+    _interrupted.clear()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_stop_signal)
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    if _interrupted.is_set() or _stopping.is_set():
+        process_tree.kill(_ray_processes.tree(), timeout_s=1)
+        os._exit(128 + signum)
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def exit_at_once(code: int) -> NoReturn:
+    """Exit without the interpreter's teardown. For a process whose server `serving` has stopped: nothing of
+    ours is left, but finalizing Ray's core worker and torch's native state took another ~3 s here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@contextmanager
+def _keep_stop_signals() -> Iterator[None]:
+    """ray.init installs SIGTERM handlers of its own: the driver's exits at once (leaving Serve to its slow
+    graceful stop), the node's drains for up to 30 s first. With ours installed, Ray's setter (a private
+    function, looked up defensively) is a no-op for the call, so a SIGTERM during ray.init still stops quickly."""
+    import ray._private.utils as ray_utils
+
+    original = getattr(ray_utils, "set_sigterm_handler", None)
+    ours = signal.getsignal(signal.SIGTERM) is _on_stop_signal
+    if ours and original is not None:
+        ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        if original is not None:
+            ray_utils.set_sigterm_handler = original
+        if ours:
+            signal.signal(signal.SIGTERM, _on_stop_signal)
+
+
 def start_serve(
     host: str = "127.0.0.1", port: int = 8000, metrics_port: int | None = None, **ray_init: Any
 ) -> None:
     """Start a local Ray and Serve's HTTP proxy on `port`; Prometheus metrics on `metrics_port` (None: Ray picks
-    a free one, see `metrics_url`)."""
+    a free one, see `metrics_url`). PortInUse, before anything starts, if either port is taken."""
+    for needed in (port, metrics_port):
+        if needed is not None:
+            check_port_free(host, needed)
     import ray
     from ray import serve
 
@@ -42,12 +158,15 @@ def start_serve(
     # address="local": always a new Ray of our own. Without it ray.init joins whatever cluster another process
     # (a test's simulated cluster, a killed `ray start`) left in /tmp/ray/ray_current_cluster, and deploys there.
     ray_init.setdefault("address", "local")
-    ray.init(
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        _metrics_export_port=metrics_port,
-        **ray_init,
-    )
+    _ray_processes.starting(port)
+    with _keep_stop_signals():
+        ray.init(
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            _metrics_export_port=metrics_port,
+            **ray_init,
+        )
+    _ray_processes.started()
     serve.start(http_options={"host": host, "port": port})
 
 
@@ -72,12 +191,14 @@ def serving(
     **ray_init: Any,
 ) -> Iterator[str]:
     """A local Ray + Serve running `app` at `/` on host:port for the block; yields its URL once /health is 200.
-    The demo, the tests, the fuzzer and the benchmarks' servers all start this way. `on_ray_started` runs right
-    after ray.init (which installs Ray's own SIGTERM handler), before the app deploys."""
+    The demo, the tests, the fuzzer and the benchmarks' servers all start this way. However the block ends (its
+    end, an error, a KeyboardInterrupt from `stop_on_signals`, also while still starting), `stop_serve` ends
+    every process Ray started. `on_ray_started` runs right after ray.init, before the app deploys."""
     from ray import serve
 
-    start_serve(host, port, metrics_port, **ray_init)
+    check_port_free(host, port)  # before anything starts: PortInUse leaves nothing to clean up
     try:
+        start_serve(host, port, metrics_port, **ray_init)
         if on_ray_started is not None:
             on_ray_started()
         serve.run(app, name="glm-serve", route_prefix="/", logging_config=logging_config)
@@ -88,12 +209,71 @@ def serving(
         stop_serve()
 
 
-def stop_serve() -> None:
-    import ray
-    from ray import serve
+def stop_serve(stream_flush_s: float = 0.5, ray_shutdown_s: float = 3.0) -> None:
+    """End every process `start_serve` started within seconds, whatever state they are in (serving, still
+    deploying, a replica broken or hung):
 
-    serve.shutdown()
-    ray.shutdown()
+    1. Only while clients are connected: the model replicas (every Serve replica but the ingress) get SIGKILL,
+       and the ingress answers each stream in flight with an error event and [DONE], as for any replica that
+       dies; it gets `stream_flush_s` to send them. (Ray then reports those deaths; a stop with no client
+       connected reports nothing.)
+    2. ray.shutdown() stops Ray's processes, the raylet first, which takes the workers with it (~2 s here);
+       in a thread, for at most `ray_shutdown_s`, so that a second signal still reaches the main thread.
+    3. Whatever of the tree is still alive (an agent that outlived its raylet, a hung worker) gets SIGKILL.
+
+    Serve's graceful shutdown (serve.shutdown) is skipped on purpose: it waits for replicas to drain (20-30 s,
+    "Controller failed to shut down within 30.0s"), and for ever for one that is hung. (Killing the whole tree
+    first would not be quicker: ray.shutdown then waits ~5 s on RPCs to the dead raylet.)"""
+    import ray
+
+    _stopping.set()
+    started = time.monotonic()
+    try:
+        tree = _ray_processes.tree()
+        if _clients_connected(tree, _ray_processes.http_port):
+            process_tree.kill([p for p in tree if _is_model_replica(p)], timeout_s=1)
+            time.sleep(stream_flush_s)
+            tree = process_tree.merge(tree, _ray_processes.tree())  # with replacements started meanwhile
+        shutdown = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+        shutdown.start()
+        shutdown.join(timeout=ray_shutdown_s)
+        left = process_tree.kill(tree)
+        log.debug("Ray stopped in %.1f s", time.monotonic() - started)
+        if shutdown.is_alive() or left:
+            log.warning(
+                "Ray did not stop cleanly (ray.shutdown %s; alive after SIGKILL: %s)",
+                "hung" if shutdown.is_alive() else "returned",
+                [p.pid for p in left],
+            )
+    finally:
+        _ray_processes.forget()
+        _stopping.clear()
+
+
+def _clients_connected(tree: list[psutil.Process], http_port: int | None) -> bool:
+    """Whether any process of the tree (Serve's proxy) holds a client connection on the HTTP port."""
+    for process in tree:
+        try:
+            connections = process.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        for connection in connections:
+            if connection.status == psutil.CONN_ESTABLISHED and connection.laddr.port == http_port:
+                return True
+    return False
+
+
+_REPLICA_TITLE = re.compile(r"ray::(?:ServeReplica:[^:\s]+:|SERVE_REPLICA::[^#\s]+#)(?P<deployment>[^#.\s]+)")
+
+
+def _is_model_replica(process: psutil.Process) -> bool:
+    """A Serve replica other than the ingress, by the title Ray gives its process (while starting, then running)."""
+    try:
+        title = " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+    found = _REPLICA_TITLE.search(title)
+    return found is not None and found["deployment"] != "Ingress"
 
 
 def wait_until_healthy(url: str, timeout_s: float) -> None:

@@ -46,7 +46,11 @@ def parts(tiny_glm_path: str) -> tuple[Any, Any, list[int]]:
 @pytest.fixture(scope="session")
 def base_url(tiny_glm_path: str) -> Iterator[str]:
     from serve_app.profiles import build_demo_app
-    from serve_app.runtime import serving
+    from serve_app.runtime import serving, stop_on_signals
+
+    # Ctrl-C or SIGTERM of the session: pytest ends it and this teardown stops every process of the app within
+    # seconds (also while it is still starting); a second signal kills them at once.
+    stop_on_signals()
 
     # A private temp dir (short: Ray's socket paths must fit 107 bytes) keeps runs from meeting each other.
     ray_dir = tempfile.mkdtemp(prefix="ray-glm-", dir="/tmp")
