@@ -29,12 +29,16 @@ class TokenizerDeployment:
             raise ModelNotFound(model) from None
 
     def render_chat(
-        self, model: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> ChatPrompt:
         tokenizer = self._tokenizer(model)
         try:
             text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+                messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
             )
         except Exception as exc:  # noqa: BLE001 - a template may reject a conversation (role order, missing fields)
             raise InvalidRequest(

@@ -32,14 +32,21 @@ def tiny_glm_path() -> str:
 
 @pytest.fixture(scope="session")
 def base_url(tiny_glm_path: str) -> Iterator[str]:
-    from serve_app.profiles import build_demo_app
+    from serve_app.builder import bind_graph, parse_config
+    from serve_app.profiles import cpu_demo_args
     from serve_app.runtime import serving
+    from tests.tool_model import tool_model_args
+
+    # The demo profile, plus the tool-calling model the tool tests talk to (a tenth of a CPU).
+    args = cpu_demo_args()
+    args["chat_models"].append(tool_model_args())
 
     # A private temp dir (short: Ray's socket paths must fit 107 bytes) keeps runs from meeting each other.
     ray_dir = tempfile.mkdtemp(prefix="ray-glm-", dir="/tmp")
     # Metrics reach Ray's exporter every metrics_report_interval_ms (10 s by default): 1 s keeps test_metrics short.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with serving(
-        build_demo_app(),
+        bind_graph(parse_config(args)),
         port=_free_port(),
         healthy_within_s=180,
         _temp_dir=ray_dir,

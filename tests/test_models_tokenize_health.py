@@ -8,7 +8,7 @@ import openai
 
 def test_models_lists_every_served_model(client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
-    assert ids == ["tiny-glm", "all-MiniLM-L6-v2"]
+    assert ids == ["tiny-glm", "tiny-glm-tools", "all-MiniLM-L6-v2"]
     card = client.models.retrieve("tiny-glm")
     assert card.id == "tiny-glm" and card.object == "model" and card.created > 0
 

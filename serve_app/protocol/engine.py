@@ -29,6 +29,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < _SAMPLING_EPS:
@@ -50,6 +55,13 @@ class GenerateRequest:
     received_at: float = field(default_factory=time.time)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
 @dataclass
 class GenerationChunk:
     """Text generated since the previous chunk; `finish_reason` is set on the last chunk only.
@@ -61,6 +73,7 @@ class GenerationChunk:
     text: str
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -15,8 +16,6 @@ from serve_app.errors import APIError, InvalidRequest, error_body, serving_failu
 from serve_app.limits import cap_completion_tokens, check_chat_messages
 from serve_app.protocol.engine import ChatPrompt, FinishReason, GenerateRequest, GenerationChunk
 from serve_app.protocol.openai import (
-    AssistantMessage,
-    ChatCompletionChoice,
     ChatCompletionChunk,
     ChatCompletionChunkChoice,
     ChatCompletionRequest,
@@ -27,23 +26,41 @@ from serve_app.protocol.openai import (
     usage,
 )
 from serve_app.registry import ModelHandle, ModelRegistry
+from serve_app.serving.chat_choices import ChoiceBuilder, merged
 from serve_app.sse import DONE, data_event
+from serve_app.tools.constraints import reply_grammar
+from serve_app.tools.parser import ToolCallParser
+from serve_app.tools.prompts import template_tools
 
 logger = logging.getLogger("glm_serve")
 
 
 @dataclass(frozen=True)
 class PreparedChat:
-    """A request that passed every check and that the chat deployment has accepted and started generating."""
+    """A request that passed every check and that the chat deployment has accepted and started generating:
+    one sequence per choice (`n`), each with its own builder of the answer."""
 
     model: ModelHandle
-    generate: GenerateRequest
-    # The engine's increments, read once; the last one carries the finish reason.
-    chunks: AsyncIterator[GenerationChunk]
+    generates: list[GenerateRequest]
+    # Each choice's engine increments, read once; the last one carries the finish reason.
+    streams: list[AsyncIterator[GenerationChunk]]
+    builders: list[ChoiceBuilder]
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.generate.prompt_token_ids)
+        return len(self.generates[0].prompt_token_ids)
+
+    @property
+    def chunks(self) -> AsyncIterator[GenerationChunk]:
+        """The first choice's increments: the seed interfaces have one choice."""
+        return self.streams[0]
+
+
+@dataclass(frozen=True)
+class TextReply:
+    text: str
+    finish_reason: FinishReason
+    usage: UsageInfo
 
 
 def completion_budget(prompt: ChatPrompt, requested: int | None, fit_to_window: bool = False) -> int:
@@ -86,51 +103,71 @@ class ChatService:
         requested, fit_to_window = cap_completion_tokens(
             self._limits, request.requested_max_tokens, request.max_tokens_param, fit_to_window
         )
-        prompt: ChatPrompt = await self._registry.tokenizer.render_chat.remote(model.name, messages)
-        max_tokens = completion_budget(prompt, requested, fit_to_window)
-        generate = GenerateRequest(
-            request_id=uuid.uuid4().hex,
-            prompt_token_ids=prompt.token_ids,
-            sampling=request.to_sampling_params(max_tokens),
-            received_at=received_at,
+        grammar = reply_grammar(request)
+        prompt: ChatPrompt = await self._registry.tokenizer.render_chat.remote(
+            model.name, messages, tools=template_tools(request.prompt_tools)
         )
-        return PreparedChat(model, generate, await _started(model, generate))
+        max_tokens = completion_budget(prompt, requested, fit_to_window)
+        generates = [
+            GenerateRequest(
+                request_id=uuid.uuid4().hex,
+                prompt_token_ids=prompt.token_ids,
+                sampling=request.to_sampling_params(max_tokens, choice, grammar),
+                received_at=received_at,
+            )
+            for choice in range(request.n)
+        ]
+        callable_tools = request.callable_tools
+        builders = [
+            ChoiceBuilder(
+                choice,
+                ToolCallParser(callable_tools, request.parallel_tool_calls) if callable_tools else None,
+                request.logprobs,
+                request.top_logprobs or 0,
+            )
+            for choice in range(request.n)
+        ]
+        streams = await asyncio.gather(*(_started(model, generate) for generate in generates))
+        return PreparedChat(model, generates, list(streams), builders)
 
     async def complete(self, prepared: PreparedChat) -> ChatCompletionResponse:
-        text, last = [], None
-        async for chunk in prepared.chunks:
-            text.append(chunk.text)
-            last = chunk
-        assert last is not None and last.finish_reason is not None
+        async def collect(stream: AsyncIterator[GenerationChunk]) -> list[GenerationChunk]:
+            return [chunk async for chunk in stream]
+
+        results = await asyncio.gather(*(collect(stream) for stream in prepared.streams))
         return ChatCompletionResponse(
             id=new_completion_id(),
             created=now(),
             model=prepared.model.name,
-            choices=[
-                ChatCompletionChoice(
-                    message=AssistantMessage(content="".join(text)), finish_reason=last.finish_reason
-                )
-            ],
-            usage=usage(prepared.prompt_tokens, last.completion_tokens),
+            choices=[builder.whole(chunks) for builder, chunks in zip(prepared.builders, results)],
+            usage=usage(prepared.prompt_tokens, sum(chunks[-1].completion_tokens for chunks in results)),
         )
 
+    async def complete_text(self, prepared: PreparedChat) -> TextReply:
+        """The first choice's whole text, as the seed interfaces answer (they send no tools)."""
+        chunks = [chunk async for chunk in prepared.chunks]
+        last = chunks[-1]
+        assert last.finish_reason is not None
+        text = "".join(chunk.text for chunk in chunks)
+        return TextReply(text, last.finish_reason, usage(prepared.prompt_tokens, last.completion_tokens))
+
     async def stream(self, prepared: PreparedChat, include_usage: bool) -> AsyncIterator[str]:
-        """SSE events: a role chunk, content chunks, a finish chunk, an optional usage chunk, then [DONE].
+        """SSE events: a role chunk per choice, their content (or tool call) chunks as they come, a finish chunk
+        per choice, an optional usage chunk, then [DONE].
 
         A failure mid-stream is sent as an error event before [DONE], never as a silently cut connection.
         """
         frame = _ChunkFramer(prepared.model.name, include_usage)
-        yield frame.delta({"role": "assistant", "content": ""})
-        completion_tokens = 0
+        for builder in prepared.builders:
+            yield frame.choices([builder.first()])
+        completion_tokens = [0] * len(prepared.streams)
         try:
-            async for chunk in prepared.chunks:
-                completion_tokens = chunk.completion_tokens
-                if chunk.text:
-                    yield frame.delta({"content": chunk.text})
-                if chunk.finish_reason is not None:
-                    yield frame.delta({}, chunk.finish_reason)
+            async for index, chunk in merged(prepared.streams):
+                completion_tokens[index] = chunk.completion_tokens
+                for piece in prepared.builders[index].increment(chunk):
+                    yield frame.choices([piece])
             if include_usage:
-                yield frame.usage(usage(prepared.prompt_tokens, completion_tokens))
+                yield frame.usage(usage(prepared.prompt_tokens, sum(completion_tokens)))
         except Exception as exc:  # noqa: BLE001 - told to the client, then the stream ends properly
             error = stream_failure(exc)
             yield data_event(json.dumps(error_body(error.message, error.error_type, None, error.code)))
@@ -164,8 +201,8 @@ class _ChunkFramer:
         )
         return data_event(chunk.model_dump_json(exclude=None if self._include_usage else {"usage"}))
 
-    def delta(self, delta: dict[str, str], finish_reason: FinishReason | None = None) -> str:
-        return self._event([ChatCompletionChunkChoice(delta=delta, finish_reason=finish_reason)])
+    def choices(self, choices: list[ChatCompletionChunkChoice]) -> str:
+        return self._event(choices)
 
     def usage(self, usage_info: UsageInfo) -> str:
         return self._event([], usage_info)
