@@ -10,12 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
+from deployments.chat_engine.capability import check_vocabulary, choose_engine
 from deployments.chat_engine.continuous import ContinuousBatchingEngine
 from deployments.chat_engine.jobs import Engine
 from deployments.chat_engine.sequential import SequentialEngine
 from deployments.model_files import (
     context_window,
     end_token_ids,
+    generation_defaults,
     load_tokenizer,
     resolve_device,
     resolve_dtype,
@@ -46,26 +48,21 @@ class ChatDeployment:
         # One thread: a probe that hangs (a wedged accelerator) makes the next ones wait and time out, not pile up.
         self._probe_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-probe")
         end_ids = end_token_ids(model.generation_config.eos_token_id, self._tokenizer)
-        interval_s = config.stream_interval_ms / 1000
         self._metrics = ChatMetrics(config.name)
-        deadline = QueueDeadline.of(config)
+        check_vocabulary(model, self._tokenizer, config.name)
+        options = {
+            "stream_interval_s": config.stream_interval_ms / 1000,
+            "metrics": self._metrics,
+            "queue_deadline": QueueDeadline.of(config),
+            "defaults": generation_defaults(model.generation_config),
+        }
         self._engine: Engine
-        if config.engine == "continuous":
-            window = context_window(config)
+        if choose_engine(config.engine, model, config.name) == "continuous":
             self._engine = ContinuousBatchingEngine(
-                model,
-                self._tokenizer,
-                end_ids,
-                config.max_num_seqs,
-                window,
-                interval_s,
-                self._metrics,
-                deadline,
+                model, self._tokenizer, end_ids, config.max_num_seqs, context_window(config), **options
             )
         else:
-            self._engine = SequentialEngine(
-                model, self._tokenizer, end_ids, interval_s, self._metrics, deadline
-            )
+            self._engine = SequentialEngine(model, self._tokenizer, end_ids, **options)
         logger.info("chat model %s loaded from %s on %s", config.name, config.path, device)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
@@ -83,12 +80,18 @@ class ChatDeployment:
                 self._metrics.completion_tokens(last.completion_tokens)
 
     def status(self) -> dict[str, int]:
-        """Answered for /health: the sequences this replica is generating or about to."""
-        return {"active_sequences": self._engine.active_sequences}
+        """Answered for /health: the sequences this replica is generating (`running_sequences`, the batch),
+        those waiting for a place in it, and the streams open on it (those two plus streams relaying their end)."""
+        return {
+            "running_sequences": self._engine.running_sequences,
+            "waiting_sequences": self._engine.waiting_sequences,
+            "open_streams": self._engine.open_streams,
+        }
 
     async def check_health(self) -> None:
-        """Serve replaces the replica when this raises: the engine's worker died, or a one-token forward pass fails
-        or gives non-finite logits. The pass runs beside the engine's, off the event loop, and uses no KV cache."""
+        """Serve replaces the replica when this raises: the engine is broken (its worker died, an invariant between
+        its batch and its KV cache broke, decode steps keep failing), or a one-token forward pass fails or gives
+        non-finite logits. The pass runs beside the engine's, off the event loop, and uses no KV cache."""
         self._engine.check_alive()
         await asyncio.get_running_loop().run_in_executor(self._probe_executor, self._probe)
 
@@ -104,6 +107,13 @@ class ChatDeployment:
         model has. Generation then produces garbage and `check_health` fails until Serve replaces the replica."""
         logger.warning("chat model weights poisoned on purpose (break_model_for_tests)")
         return poison_weights(self._model)
+
+    def break_engine_for_tests(self) -> None:
+        """Fault injection, reachable only through a Serve handle: a KV slot held by no sequence (the state one bad
+        request left behind before failures were confined to their request). The engine notices at its next turn,
+        refuses requests with 503 and fails its health check until Serve replaces the replica."""
+        logger.warning("chat engine state broken on purpose (break_engine_for_tests)")
+        self._engine.break_for_tests()
 
     def clear_cache(self) -> bool:
         """Release cached accelerator memory (the web demo's /clear); a no-op on CPU."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from serve_app.config import ChatModelConfig, Device, DType
+from serve_app.protocol.engine import GenerationDefaults
 
 # ChatGLM's turn markers end an assistant reply just as eos does.
 _GLM_TURN_END_TOKENS = ("<|user|>", "<|observation|>")
@@ -69,3 +70,19 @@ def end_token_ids(generation_eos: int | list[int] | None, tokenizer: Any) -> lis
     special = set(tokenizer.all_special_tokens)
     ids.update(tokenizer.convert_tokens_to_ids(t) for t in _GLM_TURN_END_TOKENS if t in special)
     return sorted(ids)
+
+
+def generation_defaults(generation_config: Any) -> GenerationDefaults:
+    """The sampling a request gets for the fields it leaves out: the model's own settings when its
+    generation_config asks for sampling (GLM-4 ships temperature 0.8, top_p 0.8), else OpenAI's defaults.
+    Only what the checkpoint's file sets counts, not transformers' global defaults (top_k 50)."""
+    own = generation_config.to_diff_dict() if generation_config is not None else {}
+    if not own.get("do_sample"):
+        return GenerationDefaults()
+    fallback = GenerationDefaults()
+    return GenerationDefaults(
+        temperature=float(own.get("temperature", fallback.temperature)),
+        top_p=float(own.get("top_p", fallback.top_p)),
+        top_k=int(own.get("top_k") or fallback.top_k),
+        repetition_penalty=float(own.get("repetition_penalty", fallback.repetition_penalty)),
+    )

@@ -36,6 +36,9 @@ class TokenizerDeployment:
         tools: list[dict[str, Any]] | None = None,
     ) -> ChatPrompt:
         tokenizer = self._tokenizer(model)
+        if tools and "tools" not in str(tokenizer.chat_template or ""):
+            # The template would drop them without a word: say so instead.
+            raise InvalidRequest(f"the chat template of {model!r} does not take tools", param="tools")
         try:
             text = tokenizer.apply_chat_template(
                 messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False

@@ -128,9 +128,10 @@ class ChatModelConfig(_Strict):
     dtype: DType = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     max_model_len: Annotated[int | None, Field(ge=16)] = None  # default: the model's own window
     cpu_threads: CpuThreads = None
-    # continuous: many conversations share each forward pass (transformers' native models, e.g. GLM-4);
-    # sequential: one at a time through model.generate (for remote-code checkpoints such as ChatGLM3).
-    engine: Literal["continuous", "sequential"] = "continuous"
+    # continuous: many conversations share each forward pass (transformers' native full-attention models, e.g.
+    # GLM-4); sequential: one at a time through model.generate (sliding-window or mixed attention layers, remote
+    # code); auto: continuous when the replica's load-time check finds it can drive the model, else sequential.
+    engine: Literal["auto", "continuous", "sequential"] = "auto"
     # Sequences decoded together; the KV cache holds max_num_seqs x max_model_len tokens, allocated at start.
     max_num_seqs: Annotated[int, Field(ge=1)] = 16
     # Streamed text is sent at most this often per stream (the first increment at once); 0 sends every token.
@@ -143,7 +144,7 @@ class ChatModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _batch_fits(self) -> ChatModelConfig:
-        if self.engine == "continuous" and self.deployment.max_ongoing_requests < self.max_num_seqs:
+        if self.engine != "sequential" and self.deployment.max_ongoing_requests < self.max_num_seqs:
             raise ValueError(
                 f"chat model {self.name!r}: deployment.max_ongoing_requests "
                 f"({self.deployment.max_ongoing_requests}) must be >= max_num_seqs ({self.max_num_seqs}), "

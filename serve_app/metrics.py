@@ -81,8 +81,8 @@ class ChatMetrics:
             model,
             boundaries=_INTER_TOKEN_BOUNDARIES,
         )
-        self._active_sequences = _per_model(
-            Gauge, "glm_serve_active_sequences", "Sequences being generated (in the running batch).", model
+        self._running_sequences = _per_model(
+            Gauge, "glm_serve_running_sequences", "Sequences being generated (in the running batch).", model
         )
         self._queued_sequences = _per_model(
             Gauge, "glm_serve_queued_sequences", "Sequences waiting for a place in the running batch.", model
@@ -102,7 +102,7 @@ class ChatMetrics:
         self._inter_token_latency.observe(seconds)
 
     def sequences(self, active: int, queued: int) -> None:
-        self._active_sequences.set(active)
+        self._running_sequences.set(active)
         self._queued_sequences.set(queued)
 
 

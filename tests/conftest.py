@@ -6,6 +6,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -28,6 +29,18 @@ def tiny_glm_path() -> str:
     from serve_app.tiny_glm import ensure_tiny_glm
 
     return str(ensure_tiny_glm())
+
+
+@pytest.fixture(scope="session")
+def parts(tiny_glm_path: str) -> tuple[Any, Any, list[int]]:
+    """The tiny GLM loaded in-process: (model, tokenizer, end token ids), for tests that drive an engine directly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deployments.model_files import end_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_glm_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_glm_path).eval()
+    return model, tokenizer, end_token_ids(model.generation_config.eos_token_id, tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -33,8 +33,8 @@ def _stream_text(http: httpx.Client, i: int) -> str:
     return "".join(deltas)
 
 
-def _active_sequences(http: httpx.Client) -> int:
-    return int(http.get("/health").json()["deployments"][f"chat:{MODEL}"]["active_sequences"])
+def _running_sequences(http: httpx.Client) -> int:
+    return int(http.get("/health").json()["deployments"][f"chat:{MODEL}"]["running_sequences"])
 
 
 def test_sixteen_simultaneous_streams_equal_their_sequential_results(http: httpx.Client) -> None:
@@ -61,15 +61,15 @@ def test_disconnected_streams_leave_the_batch(base_url: str, http: httpx.Client)
             for _ in range(4):  # the role chunk and some text: generation is under way
                 next(lines)
             streams.append(context)
-        assert _active_sequences(http) == 8
+        assert _running_sequences(http) == 8
     finally:
         for context in streams:
             context.__exit__(None, None, None)
         for client in clients:
             client.close()
     deadline = time.monotonic() + 10
-    while _active_sequences(http) and time.monotonic() < deadline:
+    while _running_sequences(http) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _active_sequences(http) == 0
+    assert _running_sequences(http) == 0
     reply = http.post("/v1/chat/completions", json=_body(0, max_tokens=4))
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4

@@ -159,7 +159,7 @@ def test_sequence_gauges_follow_the_running_batch_and_its_queue(
         load = [pool.submit(long_stream, i) for i in range(streams)]
         while not all(future.done() for future in load):
             samples = _scrape(metrics_url)
-            peak_active = max(peak_active, _total(samples, "active_sequences", model=CHAT_MODEL))
+            peak_active = max(peak_active, _total(samples, "running_sequences", model=CHAT_MODEL))
             peak_queued = max(peak_queued, _total(samples, "queued_sequences", model=CHAT_MODEL))
             time.sleep(0.3)
         assert all(future.result() > 0 for future in load)
@@ -170,11 +170,11 @@ def test_sequence_gauges_follow_the_running_batch_and_its_queue(
     idle = _poll(
         metrics_url,
         lambda s: (
-            _total(s, "active_sequences", model=CHAT_MODEL) == 0
+            _total(s, "running_sequences", model=CHAT_MODEL) == 0
             and _total(s, "queued_sequences", model=CHAT_MODEL) == 0
         ),
     )
-    assert _total(idle, "active_sequences", model=CHAT_MODEL) == 0
+    assert _total(idle, "running_sequences", model=CHAT_MODEL) == 0
     assert _total(idle, "queued_sequences", model=CHAT_MODEL) == 0
     # Present, not just absent-and-read-as-0.
     assert any(name == PREFIX + "queued_sequences" for name, _ in idle)

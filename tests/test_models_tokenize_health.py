@@ -50,4 +50,4 @@ def test_health_is_ok_when_every_deployment_answers(http: httpx.Client) -> None:
     assert response.status_code == 200 and body["status"] == "ok"
     assert set(body["deployments"]) == {"chat:tiny-glm", "embedding:all-MiniLM-L6-v2", "tokenizer"}
     assert body["deployments"]["embedding:all-MiniLM-L6-v2"] == {"dimensions": 384}
-    assert body["deployments"]["chat:tiny-glm"]["active_sequences"] >= 0
+    assert body["deployments"]["chat:tiny-glm"]["running_sequences"] >= 0

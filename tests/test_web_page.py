@@ -166,7 +166,7 @@ def test_stop_ends_a_reply_midway(chat: ChatPage, http: httpx.Client) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         statuses = http.get("/health").json()["deployments"].values()
-        if sum(s.get("active_sequences", 0) for s in statuses) == 0:
+        if sum(s.get("running_sequences", 0) for s in statuses) == 0:
             break
         time.sleep(0.2)
     else:

@@ -5,6 +5,13 @@ free KV slot), then runs one decode step for every running sequence together, ea
 sequence leaves the batch at the step it finishes, hits a stop string, or its client goes away, and its slot is
 reused at once. Every per-token task (sampling, detokenization, stop strings) runs here, off the event loop.
 
+Failures stay with their request. A prefill wave is all-or-nothing: if anything fails before its sequences join
+the batch, its slots are freed and its requests retried one by one, so the one that fails gets the error alone.
+A failure that belongs to one row of a step (its logits, its sampler, its detokenization) ends that row only. A
+failed forward pass of a decode step fails the running sequences (nothing tells which row broke it); several in a
+row, or any broken invariant between the batch and its KV slots, mark the engine broken: it then refuses every
+request with 503 and its health check fails, so Serve replaces the replica.
+
 It drives any decoder whose attention layers call `past_key_values.update(keys, values, layer)` and accept a
 prepared 4D mask (transformers' native models, GLM-4 among them); `SequentialEngine` serves the rest.
 """
@@ -20,12 +27,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from deployments.chat_engine.jobs import Engine, Job
-from deployments.chat_engine.sampling import RowSampler, choose_tokens
+from deployments.chat_engine.sampling import Chosen, choose_tokens
+from deployments.chat_engine.sequence import Sequence
 from deployments.chat_engine.slot_cache import SlotKVCache
-from deployments.chat_engine.text_output import TextOutput
-from deployments.queue_deadline import NO_DEADLINE, QueueDeadline
 from serve_app.errors import InvalidRequest
-from serve_app.protocol.engine import FinishReason, GenerationChunk
 
 if TYPE_CHECKING:
     from serve_app.metrics import ChatMetrics
@@ -34,38 +39,8 @@ logger = logging.getLogger("ray.serve")
 
 # Prompt tokens prefilled in one forward pass: new requests join in waves without stalling running streams long.
 _PREFILL_TOKEN_BUDGET = 2048
-
-
-class _Sequence:
-    """One running request: its sampler, its text, and where it stands."""
-
-    def __init__(self, job: Job, sampler: RowSampler, output: TextOutput, end_ids: frozenset[int]) -> None:
-        self.job = job
-        self.sampler = sampler
-        self.output = output
-        self._end_ids = end_ids
-        self.completion_tokens = 0
-        self.last_token = -1
-        self.done = False
-
-    def accept(self, token: int) -> None:
-        """Take the token chosen for this sequence; emit its text, or finish."""
-        self.completion_tokens += 1
-        if token in self._end_ids:
-            return self._finish("stop")
-        text = self.output.add([token])
-        if text:
-            self.job.emit(GenerationChunk(text, self.completion_tokens))
-        if self.output.stopped:
-            return self._finish("stop")
-        if self.completion_tokens >= self.job.request.sampling.max_tokens:
-            return self._finish("length")
-        self.last_token = token
-        self.sampler.observe(token)
-
-    def _finish(self, reason: FinishReason) -> None:
-        self.done = True
-        self.job.emit(GenerationChunk(self.output.finish(), self.completion_tokens, reason))
+# Decode steps failing one after another: past this, the model (or the engine) is broken, not one request.
+_MAX_FAILED_STEPS = 3
 
 
 class ContinuousBatchingEngine(Engine):
@@ -76,11 +51,10 @@ class ContinuousBatchingEngine(Engine):
         end_token_ids: list[int],
         max_num_seqs: int,
         max_model_len: int,
-        stream_interval_s: float = 0.0,
-        metrics: ChatMetrics | None = None,
-        queue_deadline: QueueDeadline = NO_DEADLINE,
+        **options: Any,
     ) -> None:
-        super().__init__(model, tokenizer, end_token_ids, stream_interval_s, metrics, queue_deadline)
+        """`options`: the `Engine` keyword arguments (stream interval, metrics, queue deadline, defaults)."""
+        super().__init__(model, tokenizer, end_token_ids, **options)
         self._max_model_len = max_model_len
         config = model.config.get_text_config()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -97,11 +71,12 @@ class ContinuousBatchingEngine(Engine):
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
         self._vocab_size = self._lm_head.weight.shape[0]
-        self._running: list[_Sequence] = []  # row i uses KV slot i
+        self._running: list[Sequence] = []  # row i uses KV slot i
         self._waiting: deque[Job] = deque()
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._closed = False
+        self._failed_steps = 0  # decode steps failed in a row
         self._reported_sequences = (-1, -1)  # (running, waiting) last sent to the metrics
         self._thread = threading.Thread(target=self._loop, name="continuous-batching", daemon=True)
         self._thread.start()
@@ -111,6 +86,14 @@ class ContinuousBatchingEngine(Engine):
             max_model_len,
             self._cache.nbytes / 2**20,
         )
+
+    @property
+    def running_sequences(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting_sequences(self) -> int:
+        return len(self._waiting)
 
     def _submit(self, job: Job) -> None:
         request = job.request
@@ -125,9 +108,15 @@ class ContinuousBatchingEngine(Engine):
         self._wakeup.set()
 
     def check_alive(self) -> None:
-        # An error outside the guarded decode step ends the loop: every request would then wait forever.
+        super().check_alive()
+        # An error outside the guarded steps ends the loop: every request would then wait forever.
         if not self._closed and not self._thread.is_alive():
             raise RuntimeError("the continuous-batching loop thread has died")
+
+    def break_for_tests(self) -> None:
+        with self._lock:
+            self._cache.add_sequence()  # a slot no row owns
+        self._wakeup.set()
 
     def close(self) -> None:
         self._closed = True
@@ -139,28 +128,69 @@ class ContinuousBatchingEngine(Engine):
     def _loop(self) -> None:
         with torch.inference_mode():
             while not self._closed:
-                self._drop_cancelled()
-                self._refuse_late()
-                # The running sequences' previous token came at the end of the last step: the prefill of those
-                # joining now stalls them, so it counts in their inter-token latency. Joiners' previous token
-                # comes at the end of their prefill.
-                step_started = time.perf_counter() if self._running else 0.0
-                self._admit()
-                if self._metrics is not None:
-                    self._report_sequences(self._metrics)
-                if not self._running:
-                    self._wakeup.wait()
-                    self._wakeup.clear()
-                    continue
-                step_started = step_started or time.perf_counter()
                 try:
-                    self._decode_step()
-                except Exception as exc:
-                    logger.exception("decode step failed")
-                    self._fail_running(exc)
-                    continue
-                if self._metrics is not None:
-                    self._metrics.inter_token(time.perf_counter() - step_started)
+                    self._turn()
+                except Exception as exc:  # a bug of ours: say so, stop serving, let Serve replace the replica
+                    logger.exception("continuous-batching loop failed")
+                    self._break(f"its loop failed: {exc!r}")
+
+    def _turn(self) -> None:
+        if self.broken is not None:
+            self._refuse_all()
+            self._wakeup.wait()
+            self._wakeup.clear()
+            return
+        self._drop_cancelled()
+        self._refuse_late()
+        # The running sequences' previous token came at the end of the last step: the prefill of those joining
+        # now stalls them, so it counts in their inter-token latency. Joiners' previous token comes at the end of
+        # their prefill.
+        step_started = time.perf_counter() if self._running else 0.0
+        self._admit()
+        self._check_invariants()
+        if self._metrics is not None:
+            self._report_sequences(self._metrics)
+        if not self._running:
+            self._wakeup.wait()
+            self._wakeup.clear()
+            return
+        step_started = step_started or time.perf_counter()
+        try:
+            self._decode_step()
+        except Exception as exc:
+            logger.exception("decode step failed")
+            self._failed_steps += 1
+            self._fail_running(exc)
+            if self._failed_steps >= _MAX_FAILED_STEPS:
+                self._break(f"{self._failed_steps} decode steps failed in a row (last: {exc!r})")
+            return
+        self._failed_steps = 0
+        self._check_invariants()
+        if self._metrics is not None:
+            self._metrics.inter_token(time.perf_counter() - step_started)
+
+    def _check_invariants(self) -> None:
+        """Row i of the batch is KV slot i, and nothing that finished still holds a slot."""
+        rows, slots = len(self._running), len(self._cache.lengths)
+        if rows != slots or slots > self._cache.num_slots or any(s.done for s in self._running):
+            self._break(f"its batch ({rows} rows) and its KV cache ({slots} slots in use) disagree")
+
+    def _break(self, reason: str) -> None:
+        if self.broken is None:
+            logger.error("the chat engine is broken and refuses every request until replaced: %s", reason)
+            self.broken = reason
+        self._refuse_all()
+
+    def _refuse_all(self) -> None:
+        refusal = self.unavailable()
+        for sequence in self._running:
+            if not sequence.done:
+                sequence.fail(refusal)
+        self._running.clear()
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for job in waiting:
+            job.emit(refusal)
 
     def _report_sequences(self, metrics: ChatMetrics) -> None:
         # Only on change: most steps change neither count, and a gauge update costs more than this comparison.
@@ -202,38 +232,45 @@ class ContinuousBatchingEngine(Engine):
                     job.emit(late)
 
     def _prefill_or_fail(self, jobs: list[Job]) -> None:
+        sequences = []
+        for job in jobs:  # a request whose sampler cannot be built fails before any model work
+            try:
+                sequences.append(self.new_sequence(job, self._vocab_size))
+            except Exception as exc:  # noqa: BLE001 - reported to that request alone
+                logger.warning("request %s refused: %r", job.request.request_id, exc)
+                job.emit(exc)
+        if sequences:
+            self._prefill_wave(sequences)
+
+    def _prefill_wave(self, sequences: list[Sequence]) -> None:
         try:
-            self._prefill(jobs)
+            chosen = self._prefill(sequences)
         except Exception as exc:
-            if len(jobs) > 1:  # a bad prompt must fail alone, not its whole wave
-                for job in jobs:
-                    self._prefill_or_fail([job])
+            if len(sequences) > 1:  # nothing of the wave was kept: retry alone, so a bad prompt fails alone
+                for sequence in sequences:
+                    self._prefill_wave([sequence])
             else:
                 logger.exception("prefill failed")
-                jobs[0].emit(exc)
+                sequences[0].fail(exc)
+            return
+        for sequence, choice in zip(sequences, chosen, strict=True):  # committed: these now hold slots
+            self._running.append(sequence)
+            self._accept(sequence, choice)
+        self._release_done()
 
-    def _prefill(self, jobs: list[Job]) -> None:
-        slots = [self._cache.add_sequence() for _ in jobs]
+    def _prefill(self, sequences: list[Sequence]) -> list[Chosen]:
+        """One forward pass over the new prompts and their first choices; on failure, the KV cache is as before."""
+        slots = [self._cache.add_sequence() for _ in sequences]
         try:
-            first_tokens = self._prefill_slots(jobs, slots)
+            logits = self._prefill_slots([s.job for s in sequences], slots)
+            return choose_tokens([s.sampler for s in sequences], logits)
         except BaseException:
             for slot in reversed(slots):  # the newest slots: nothing moves
                 self._cache.remove_sequence(slot)
             raise
-        for job, slot, token in zip(jobs, slots, first_tokens, strict=True):
-            sampling, prompt = job.request.sampling, job.request.prompt_token_ids
-            sampler = RowSampler(sampling, prompt, self._vocab_size, self._model.device)
-            sequence = _Sequence(
-                job, sampler, TextOutput(self._tokenizer, prompt, sampling.stop), self._end_ids
-            )
-            self._running.append(sequence)
-            sequence.accept(sampler.choose(token))
-        for row in range(len(self._running) - 1, -1, -1):
-            if self._running[row].done:
-                self._release(row)
 
-    def _prefill_slots(self, jobs: list[Job], slots: list[int]) -> list[torch.Tensor]:
-        """One forward pass over the new prompts; returns each one's next-token logits."""
+    def _prefill_slots(self, jobs: list[Job], slots: list[int]) -> torch.Tensor:
+        """One forward pass over the new prompts; returns each one's next-token logits ([rows, vocab] float32)."""
         device = self._model.device
         prompts = [job.request.prompt_token_ids for job in jobs]
         lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -250,12 +287,12 @@ class ContinuousBatchingEngine(Engine):
             input_ids=input_ids,
             position_ids=columns[None, :].expand(len(prompts), -1),
             attention_mask=mask[:, None, :, :],
-            past_key_values=self._cache,
+            cache=self._cache,
             use_cache=True,
         ).last_hidden_state
         self._cache.finish_step()
         last = hidden[torch.arange(len(prompts), device=device), lengths - 1]
-        return list(self._lm_head(last).float())
+        return self._lm_head(last).float()
 
     def _decode_step(self) -> None:
         device = self._model.device
@@ -264,13 +301,26 @@ class ContinuousBatchingEngine(Engine):
             input_ids=torch.tensor([[s.last_token] for s in self._running], device=device),
             position_ids=positions[:, None],
             attention_mask=self._cache.decode_mask(),
-            past_key_values=self._cache,
+            cache=self._cache,
             use_cache=True,
         )
         self._cache.finish_step()
-        tokens = choose_tokens([s.sampler for s in self._running], out.logits[:, -1, :].float())
-        for sequence, token in zip(self._running, tokens):
-            sequence.accept(token)
+        chosen = choose_tokens([s.sampler for s in self._running], out.logits[:, -1, :].float())
+        for sequence, choice in zip(self._running, chosen, strict=True):
+            self._accept(sequence, choice)
+        self._release_done()
+
+    def _accept(self, sequence: Sequence, choice: Chosen) -> None:
+        """Hand a row its token; whatever fails here (its choice, its detokenization) ends that row alone."""
+        try:
+            if isinstance(choice, BaseException):
+                raise choice
+            sequence.accept(choice)
+        except Exception as exc:  # noqa: BLE001 - told to that request's client
+            logger.warning("sequence %s failed: %r", sequence.job.request.request_id, exc)
+            sequence.fail(exc)
+
+    def _release_done(self) -> None:
         # From the end, because releasing a slot moves the last sequence into it.
         for row in range(len(self._running) - 1, -1, -1):
             if self._running[row].done:
@@ -290,6 +340,6 @@ class ContinuousBatchingEngine(Engine):
 
     def _fail_running(self, exc: BaseException) -> None:
         for sequence in self._running:
-            sequence.job.emit(exc)
+            sequence.fail(exc)
         while self._running:
             self._release(len(self._running) - 1)

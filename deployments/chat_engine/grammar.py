@@ -57,12 +57,16 @@ def lark_grammar(lark: str) -> str:
 def grammar_tokenizer(hf_tokenizer: Any, end_token_ids: list[int] | None = None) -> llguidance.LLTokenizer:
     """llguidance's view of a fast Hugging Face tokenizer (~1 s to build: once per replica and model).
 
-    `end_token_ids`: the tokens that end a reply (a GLM ends one with `<|user|>` or `<|observation|>` as well as
-    eos); a complete grammar allows these and nothing else.
+    `end_token_ids`: the tokens that end a reply, which a complete grammar allows and nothing else; by default
+    eos and a GLM's turn ends (`<|user|>`, `<|observation|>`: after a call GLM-4 writes the latter, and a grammar
+    that forbade it would leave the model only worse ways to go on).
     """
     import llguidance.hf
 
-    return llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=end_token_ids or None)
+    from deployments.model_files import end_token_ids as turn_end_ids
+
+    ends = end_token_ids or turn_end_ids(None, hf_tokenizer)
+    return llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=ends or None)
 
 
 class GrammarConstraint:

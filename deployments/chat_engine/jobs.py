@@ -10,16 +10,21 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from deployments.chat_engine.sampling import RowSampler
+from deployments.chat_engine.sequence import Sequence
 from deployments.queue_deadline import NO_DEADLINE, QueueDeadline
-from serve_app.protocol.engine import GenerateRequest, GenerationChunk
+from serve_app.errors import ServiceUnavailable
+from serve_app.protocol.engine import GenerateRequest, GenerationChunk, GenerationDefaults
 
 if TYPE_CHECKING:
     from serve_app.metrics import ChatMetrics
 
 Emitted = GenerationChunk | BaseException
+# What a request that leaves sampling fields out gets when the model has no defaults of its own.
+OPENAI_DEFAULTS = GenerationDefaults()
 
 
 @dataclass
@@ -42,7 +47,8 @@ class Engine:
     increment always goes out at once, so time to first token does not change.
 
     `metrics` records the engine's inter-token latency and sequence counts; None (no Ray replica) records nothing.
-    `queue_deadline` refuses a job that waited too long for its turn.
+    `queue_deadline` refuses a job that waited too long for its turn. `defaults` fill in the sampling fields a
+    request left out (the model's generation_config). `retry_after_s` is what a refusal of a broken engine says.
     """
 
     def __init__(
@@ -53,6 +59,7 @@ class Engine:
         stream_interval_s: float = 0.0,
         metrics: ChatMetrics | None = None,
         queue_deadline: QueueDeadline = NO_DEADLINE,
+        defaults: GenerationDefaults = OPENAI_DEFAULTS,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
@@ -61,20 +68,68 @@ class Engine:
         self._stream_interval_s = stream_interval_s
         self._metrics = metrics
         self._queue_deadline = queue_deadline
+        self._defaults = defaults
+        self._grammar_tokenizer: Any = None
+        # Why the engine can no longer serve (set by its worker); then every request is refused and the health
+        # check fails until Serve replaces the replica.
+        self.broken: str | None = None
 
     @property
-    def active_sequences(self) -> int:
-        """Requests running or waiting; drops as soon as a stream ends or its client leaves."""
+    def open_streams(self) -> int:
+        """Requests whose stream is open on this replica: running, waiting, or relaying their last chunks."""
         return self._jobs.active
 
+    @property
+    def running_sequences(self) -> int:
+        """Sequences the engine is generating now (the batch); drops at the step a client leaves."""
+        raise NotImplementedError
+
+    @property
+    def waiting_sequences(self) -> int:
+        raise NotImplementedError
+
     def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
-        return relay(self._submit, request, self._jobs, self._stream_interval_s)
+        request = replace(request, sampling=request.sampling.resolve(self._defaults))
+        return relay(self._submit_unless_broken, request, self._jobs, self._stream_interval_s)
+
+    def _submit_unless_broken(self, job: Job) -> None:
+        if self.broken is not None:
+            raise self.unavailable()
+        self._submit(job)
 
     def _submit(self, job: Job) -> None:
         raise NotImplementedError
 
+    def unavailable(self) -> ServiceUnavailable:
+        """The refusal of a broken engine: retry, another replica (or this one's replacement) will serve it."""
+        return ServiceUnavailable(
+            "The model replica serving this request is unhealthy and being replaced. Please retry after a short "
+            "wait.",
+            "replica_unavailable",
+            self._queue_deadline.retry_after_s,
+        )
+
+    def new_sequence(self, job: Job, vocab_size: int) -> Sequence:
+        """A request's sequence: its sampler (with its grammar, if it has one) and its text output."""
+        params = job.request.sampling
+        constraint = None
+        if params.grammar is not None:
+            from deployments.chat_engine.grammar import GrammarConstraint, grammar_tokenizer
+
+            if self._grammar_tokenizer is None:  # once per replica, on first use
+                self._grammar_tokenizer = grammar_tokenizer(self._tokenizer)
+            constraint = GrammarConstraint(params.grammar, self._grammar_tokenizer)
+        sampler = RowSampler(params, job.request.prompt_token_ids, vocab_size, self._model.device, constraint)
+        return Sequence(job, sampler, self._tokenizer, self._end_ids)
+
     def check_alive(self) -> None:
         """Raise if the engine can no longer serve (for the replica's health check)."""
+        if self.broken is not None:
+            raise RuntimeError(f"the chat engine is broken: {self.broken}")
+
+    def break_for_tests(self) -> None:
+        """Fault injection (`ChatDeployment.break_engine_for_tests`): put the engine in a state it must detect."""
+        self.broken = "broken on purpose by a test"
 
     def close(self) -> None:
         pass
@@ -91,7 +146,12 @@ async def relay(
     queue: asyncio.Queue[Emitted] = asyncio.Queue()
 
     def emit(item: Emitted) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+        # Called from the engine's worker, which must never fail for a consumer that is gone: a closed loop
+        # means nobody reads this job any more, so it is dropped like a cancelled one.
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:
+            job.cancelled.set()
 
     job = Job(request, emit)
     counter.active += 1
@@ -120,4 +180,7 @@ async def relay(
 def _merge(first: GenerationChunk, second: Emitted) -> Emitted:
     if isinstance(second, BaseException):
         return second
-    return GenerationChunk(first.text + second.text, second.completion_tokens, second.finish_reason)
+    logprobs = None
+    if first.logprobs is not None or second.logprobs is not None:
+        logprobs = [*(first.logprobs or ()), *(second.logprobs or ())]
+    return GenerationChunk(first.text + second.text, second.completion_tokens, second.finish_reason, logprobs)

@@ -1,88 +1,85 @@
 """A generation engine that runs `model.generate` for one sequence at a time on a worker thread.
 
-The fallback for checkpoints whose modelling code the continuous engine cannot drive (for example ChatGLM3's
-remote code, which keeps its own cache format): correct and simple, one conversation at a time per replica.
+The fallback for models the continuous engine cannot drive (sliding-window or mixed attention layers, checkpoints
+with their own modelling code and cache format): correct and simple, one conversation at a time per replica.
+Tokens are still chosen by the shared sampler (`RowSampler` through a logits processor that hands `generate` a
+one-hot row), so both engines give the same text for the same request and seed, and `generate` adds no sampling
+of its own.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from deployments.chat_engine.jobs import Engine, Job
-from deployments.chat_engine.text_output import TextOutput
-from deployments.queue_deadline import NO_DEADLINE, QueueDeadline
-from serve_app.protocol.engine import FinishReason, GenerationChunk
+from deployments.chat_engine.sampling import choose_tokens
+from deployments.chat_engine.sequence import Sequence
 
 if TYPE_CHECKING:
     from serve_app.metrics import ChatMetrics
 
 
-class _JobStreamer(BaseStreamer):
-    """Receives each generated token from `generate`, turns it into text and emits it."""
+class _SequenceChooses(LogitsProcessor):
+    """Chooses each token with the sequence's own sampler and feeds it to the sequence (which emits its text),
+    then forces `generate` (greedy) to take the same token."""
 
-    def __init__(
-        self, job: Job, output: TextOutput, end_token_ids: frozenset[int], metrics: ChatMetrics | None
-    ) -> None:
-        self._job = job
-        self._output = output
-        self._end_ids = end_token_ids
+    def __init__(self, sequence: Sequence, metrics: ChatMetrics | None) -> None:
+        self._sequence = sequence
         self._metrics = metrics
         self._last_token_at = 0.0
-        self._prompt_seen = False
-        self.completion_tokens = 0
-        self.ended_on_end_token = False
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first hands over the prompt
-            self._prompt_seen = True
-            return
-        ids = value.reshape(-1).tolist()
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        choice = choose_tokens([self._sequence.sampler], scores.float())[0]
+        if isinstance(choice, BaseException):
+            raise choice
         if self._metrics is not None:  # one generate() step costs far more than this
             now = time.perf_counter()
-            if self.completion_tokens:
+            if self._sequence.completion_tokens:
                 self._metrics.inter_token(now - self._last_token_at)
             self._last_token_at = now
-        self.completion_tokens += len(ids)
-        text_ids = [i for i in ids if i not in self._end_ids]
-        self.ended_on_end_token = len(text_ids) < len(ids)
-        text = self._output.add(text_ids) if text_ids else ""
-        if text:
-            self._job.emit(GenerationChunk(text=text, completion_tokens=self.completion_tokens))
-
-    def end(self) -> None:
-        pass
+        self._sequence.accept(choice)
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, choice.token] = 0.0
+        return forced
 
 
 class _StopWhen(StoppingCriteria):
-    def __init__(self, should_stop: Callable[[], bool]) -> None:
+    def __init__(self, sequence: Sequence) -> None:
         super().__init__()
-        self._should_stop = should_stop
+        self._sequence = sequence
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return torch.full(
-            (input_ids.shape[0],), self._should_stop(), dtype=torch.bool, device=input_ids.device
-        )
+        stop = self._sequence.done or self._sequence.job.cancelled.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 class SequentialEngine(Engine):
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        end_token_ids: list[int],
-        stream_interval_s: float = 0.0,
-        metrics: ChatMetrics | None = None,
-        queue_deadline: QueueDeadline = NO_DEADLINE,
-    ) -> None:
-        super().__init__(model, tokenizer, end_token_ids, stream_interval_s, metrics, queue_deadline)
+    def __init__(self, model: Any, tokenizer: Any, end_token_ids: list[int], **options: Any) -> None:
+        """`options`: the `Engine` keyword arguments (stream interval, metrics, queue deadline, defaults)."""
+        super().__init__(model, tokenizer, end_token_ids, **options)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._vocab_size = model.get_output_embeddings().weight.shape[0]
+        self._running = 0
+
+    @property
+    def running_sequences(self) -> int:
+        return self._running
+
+    @property
+    def waiting_sequences(self) -> int:
+        # Open streams not running wait in the executor's queue (or are relaying their last chunks).
+        return max(self.open_streams - self._running, 0)
 
     def _submit(self, job: Job) -> None:
         self._executor.submit(self._run, job)
@@ -93,51 +90,50 @@ class SequentialEngine(Engine):
         if (late := self._queue_deadline.refusal(job.request.received_at)) is not None:
             job.emit(late)
             return
-        self._report_sequences(running=1)
+        self._running = 1
+        self._report_sequences()
         try:
-            job.emit(self._generate(job))
-        except BaseException as exc:  # noqa: BLE001 - reported to the waiting request, never lost in the executor
+            sequence = self.new_sequence(job, self._vocab_size)
+        except Exception as exc:  # noqa: BLE001 - reported to the waiting request, never lost in the executor
             job.emit(exc)
+        else:
+            try:
+                self._generate(sequence)
+            except Exception as exc:  # noqa: BLE001 - likewise
+                if not sequence.done:
+                    sequence.fail(exc)
         finally:
-            self._report_sequences(running=0)
+            self._running = 0
+            self._report_sequences()
 
-    def _report_sequences(self, running: int) -> None:
-        # The jobs still counted active but not running wait in the executor's queue (the running one leaves the
-        # count only when its stream ends on the event loop, so at the end it is still in it too).
+    def _report_sequences(self) -> None:
         if self._metrics is not None:
-            self._metrics.sequences(running, max(self._jobs.active - 1, 0))
+            self._metrics.sequences(self.running_sequences, self.waiting_sequences)
 
-    def _generate(self, job: Job) -> GenerationChunk:
-        request, sampling = job.request, job.request.sampling
-        output = TextOutput(self._tokenizer, request.prompt_token_ids, sampling.stop)
-        streamer = _JobStreamer(job, output, self._end_ids, self._metrics)
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
+    def _generate(self, sequence: Sequence) -> None:
+        request = sequence.job.request
         input_ids = torch.tensor([request.prompt_token_ids], device=self._model.device)
-        kwargs: dict[str, Any] = {}
-        if not sampling.greedy:
-            kwargs = {
-                "temperature": sampling.temperature,
-                "top_p": sampling.top_p,
-                "top_k": sampling.top_k or None,
-            }
+        # Explicit values for everything that would otherwise come from the model's generation_config: the
+        # request's own parameters act through the sampler alone.
+        config = GenerationConfig(
+            max_new_tokens=request.sampling.max_tokens,
+            do_sample=False,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_new_tokens=0,
+            eos_token_id=sorted(self._end_ids),
+            pad_token_id=self._tokenizer.pad_token_id,
+        )
         with torch.inference_mode():
             self._model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=sampling.max_tokens,
-                do_sample=not sampling.greedy,
-                repetition_penalty=sampling.repetition_penalty,
-                eos_token_id=sorted(self._end_ids),
-                pad_token_id=self._tokenizer.pad_token_id,
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList(
-                    [_StopWhen(lambda: job.cancelled.is_set() or output.stopped)]
-                ),
-                **kwargs,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([_SequenceChooses(sequence, self._metrics)]),
+                stopping_criteria=StoppingCriteriaList([_StopWhen(sequence)]),
             )
-        finish: FinishReason = "stop" if output.stopped or streamer.ended_on_end_token else "length"
-        return GenerationChunk(output.finish(), streamer.completion_tokens, finish)
+        if not sequence.done and not sequence.job.cancelled.is_set():
+            sequence.finish("length")  # generate ended on its own length limit
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

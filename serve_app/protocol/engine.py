@@ -7,7 +7,7 @@ the deployments trust them. Plain dataclasses keep the per-request pickling chea
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -21,28 +21,52 @@ _SAMPLING_EPS = 1e-5
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0  # 0 means greedy
+class GenerationDefaults:
+    """What a request that leaves a sampling field out gets: the model's own `generation_config`, else OpenAI's."""
+
+    temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # 0 means no top-k cut
+    top_k: int = 0
     repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence chooses its tokens. None in temperature, top_p, top_k or repetition_penalty: the model's
+    default (`GenerationDefaults`), filled in by the chat replica with `resolve` before generation starts."""
+
+    max_tokens: int
+    temperature: float | None = None  # 0 means greedy
+    top_p: float | None = None
+    top_k: int | None = None  # 0 means no top-k cut
+    repetition_penalty: float | None = None  # HF's: over the prompt and the reply, divides positive logits
+    # OpenAI's: over the reply only, subtracted from the logits (presence once, frequency per occurrence).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: bool = False
-    top_logprobs: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False  # return each chosen token's log-probability
+    top_logprobs: int = 0  # and this many most likely alternatives at each position
+    # An llguidance grammar (the JSON that llguidance.LLMatcher.grammar_from_json_schema / grammar_from_lark
+    # give): decoding is constrained to it, and the sequence ends ("stop") once the grammar is complete.
     grammar: str | None = None
 
-    def __post_init__(self) -> None:
-        if self.temperature < _SAMPLING_EPS:
-            object.__setattr__(self, "temperature", 0.0)
-        object.__setattr__(self, "top_p", max(self.top_p, _SAMPLING_EPS))
-        object.__setattr__(self, "repetition_penalty", max(self.repetition_penalty, _SAMPLING_EPS))
+    def resolve(self, defaults: GenerationDefaults) -> SamplingParams:
+        """These parameters with every left-out field taken from the model's defaults, and the float32 guards."""
+        temperature = defaults.temperature if self.temperature is None else self.temperature
+        top_p = defaults.top_p if self.top_p is None else self.top_p
+        penalty = defaults.repetition_penalty if self.repetition_penalty is None else self.repetition_penalty
+        return replace(
+            self,
+            temperature=0.0 if temperature < _SAMPLING_EPS else temperature,
+            top_p=max(top_p, _SAMPLING_EPS),
+            top_k=defaults.top_k if self.top_k is None else self.top_k,
+            repetition_penalty=max(penalty, _SAMPLING_EPS),
+        )
 
     @property
     def greedy(self) -> bool:
+        """Whether the most likely token is always chosen (only meaningful once resolved)."""
         return self.temperature == 0.0
 
 
@@ -57,9 +81,12 @@ class GenerateRequest:
 
 @dataclass(frozen=True)
 class TokenLogprob:
+    """One generated token's log-probability under the model (before sampling parameters), with the `top`
+    most likely alternatives at that position (most likely first), as OpenAI's `logprobs.content` entries."""
+
     token: str
     logprob: float
-    top: tuple[tuple[str, float], ...]
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -67,7 +94,8 @@ class GenerationChunk:
     """Text generated since the previous chunk; `finish_reason` is set on the last chunk only.
 
     `text` never ends inside a multi-byte character and never contains (part of) a stop string, so the
-    concatenated chunks are exactly the final text.
+    concatenated chunks are exactly the final text. `logprobs` (when asked for) has one entry per token chosen
+    since the previous chunk, end token included.
     """
 
     text: str

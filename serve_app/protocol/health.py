@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 class HealthOk(BaseModel):
     status: Literal["ok"] = "ok"
-    # Each one's own figures, e.g. a chat replica's active sequences; {"saturated": true} while its queue is full.
+    # Each one's own figures, e.g. a chat replica's running and waiting sequences; {"saturated": true} while its queue is full.
     deployments: dict[str, dict[str, Any]]
 
 

@@ -97,10 +97,11 @@ class ChatCompletionRequest(StrictRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int | None, Field(ge=1)] = None
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Field(ge=-1)] = 0
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    # Left out (None): the model's own default from its generation_config, else OpenAI's.
+    temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
+    top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    top_k: Annotated[int | None, Field(ge=-1)] = None
+    repetition_penalty: Annotated[float | None, Field(gt=0.0, le=10.0)] = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
@@ -185,7 +186,7 @@ class ChatCompletionRequest(StrictRequest):
             max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
-            top_k=max(self.top_k, 0),
+            top_k=None if self.top_k is None else max(self.top_k, 0),
             repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,

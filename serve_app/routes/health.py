@@ -36,7 +36,7 @@ async def _status(handle: DeploymentHandle) -> dict[str, Any] | None:
     responses={503: {"model": HealthUnavailable, "description": "Some deployment did not answer"}},
 )
 async def health(registry: Annotated[ModelRegistry, Depends(deps.registry)]) -> JSONResponse:
-    """Every deployment's own figures (a chat replica's active sequences, for one); 503 if any is silent."""
+    """Every deployment's own figures (a chat replica's running and waiting sequences, for one); 503 if any is silent."""
     deployments = registry.deployments()
     answers = dict(zip(deployments, await asyncio.gather(*(_status(h) for h in deployments.values()))))
     failing = [name for name, answer in answers.items() if answer is None]

@@ -11,4 +11,5 @@ def template_tools(tools: list[ToolDefinition]) -> list[dict[str, Any]] | None:
     """The `tools` argument of `render_chat`: None when there are none, so a template renders no tool section."""
     if not tools:
         return None
-    return [tool.model_dump(exclude_none=True) for tool in tools]
+    # `strict` is for the server (the arguments must match the schema), not a thing to show the model.
+    return [tool.model_dump(exclude_none=True, exclude={"function": {"strict"}}) for tool in tools]
