@@ -1,8 +1,8 @@
 """tiny-glm-tools: the tiny GLM with a GLM-4-style tool template, overfit on CPU to call a tool when asked.
 
 A random-weight model cannot be relied on to emit a call, so the tool tests get one that does: a few seconds of
-training on four fixed conversations (a call, two calls at once, the answer after a tool's result, and a plain
-greeting) until greedy decoding reproduces each reply exactly. Built once into the cache, like the tiny model.
+training on four fixed conversations (a call, two calls at once, the answer after a tool's result, and a greeting
+answered in text) until greedy decoding reproduces each reply exactly. Built once into the cache, like the tiny model.
 Tests send exactly these prompts (`WEATHER_TOOLS`, the messages below) to get the replies it learned.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 from serve_app.tiny_glm import TinyGlmSpec, default_cache_dir, ensure_tiny_glm
 
 MODEL_NAME = "tiny-glm-tools"
-_FORMAT = "1"  # bumped whenever the template, the data or the training change
+_FORMAT = "2"  # bumped whenever the template, the data or the training change
 _MARKER = "tiny-glm-tools.json"
 
 # GLM-4's layout: tools in a system turn, a call as "<|assistant|>name\n{arguments}" (several: one a line),
@@ -101,7 +101,7 @@ def _examples() -> list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None,
         (ASK_WEATHER, WEATHER_TOOLS, calls, "<|observation|>"),
         (ASK_TWO_CITIES, WEATHER_TOOLS, two_calls, "<|observation|>"),
         (after_result("call_0"), WEATHER_TOOLS, f"\n{ANSWER_AFTER_RESULT}", "<|user|>"),
-        (GREETING, None, f"\n{GREETING_REPLY}", "<|user|>"),
+        (GREETING, WEATHER_TOOLS, f"\n{GREETING_REPLY}", "<|user|>"),
     ]
 
 
