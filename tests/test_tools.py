@@ -29,7 +29,7 @@ from tests.tool_model import (
 SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in WEATHER_TOOLS}
 
 
-def _ask(client: openai.OpenAI, messages: list[dict[str, Any]], **options: Any) -> Any:
+def _ask(client: openai.OpenAI, messages: list[Any], **options: Any) -> Any:
     options = {"temperature": 0, "max_tokens": 64, **options}
     return client.chat.completions.create(model=MODEL_NAME, messages=messages, tools=WEATHER_TOOLS, **options)
 

@@ -12,17 +12,18 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from serve_app.tiny_glm import TinyGlmSpec, default_cache_dir, ensure_tiny_glm
 
 MODEL_NAME = "tiny-glm-tools"
-_FORMAT = "2"  # bumped whenever the template, the data or the training change
+_FORMAT = "3"  # bumped whenever the template, the data or the training change
 _MARKER = "tiny-glm-tools.json"
 
 # GLM-4's layout: tools in a system turn, a call as "<|assistant|>name\n{arguments}" (several: one a line),
 # a tool's result as an observation turn, and a bare "<|assistant|>" to generate after, so that a text reply
-# starts with a newline and a call with a name. Newlines are {{ '\n' }}: transformers renders with trim_blocks.
+# starts with a newline and a call with a name. A message's own `tools` (ChatGLM3's way, which GLM-API forwards)
+# follow its text. Newlines are {{ '\n' }}: transformers renders with trim_blocks.
 TOOLS_CHAT_TEMPLATE = (
     "[gMASK]<sop>"
     "{% if tools %}<|system|>{{ '\\n' }}# Tools"
@@ -40,12 +41,14 @@ TOOLS_CHAT_TEMPLATE = (
     "{% elif message.role == 'assistant' %}<|assistant|>{{ '\\n' }}{{ message.content }}"
     "{% elif message.role == 'tool' %}<|observation|>{{ '\\n' }}{{ message.content }}"
     "{% else %}<|{{ message.role }}|>{{ message.metadata or '' }}{{ '\\n' }}{{ message.content }}"
+    "{% if message.tools %}{{ '\\n' }}{{ message.tools | tojson }}{% endif %}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-WEATHER_TOOLS: list[dict[str, Any]] = [
+# Typed Any: the SDK and LangChain each want their own TypedDicts of the same JSON.
+WEATHER_TOOLS: list[Any] = [
     {
         "type": "function",
         "function": {
@@ -72,9 +75,9 @@ WEATHER_TOOLS: list[dict[str, Any]] = [
         },
     },
 ]
-ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
-ASK_TWO_CITIES = [{"role": "user", "content": "What is the weather in Paris and in Tokyo?"}]
-GREETING = [{"role": "user", "content": "Hello there"}]
+ASK_WEATHER: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+ASK_TWO_CITIES: list[Any] = [{"role": "user", "content": "What is the weather in Paris and in Tokyo?"}]
+GREETING: list[Any] = [{"role": "user", "content": "Hello there"}]
 PARIS_CALL = {"city": "Paris"}
 TOKYO_CALL = {"city": "Tokyo"}
 WEATHER_RESULT = json.dumps({"temperature": 21, "sky": "sunny"})
@@ -149,7 +152,7 @@ def _train(base: Path, out: Path, max_steps: int = 600) -> int:
     for messages, tools, reply, end in _examples():
         served_messages, served_tools = _as_served(messages, tools)
         prompt = tokenizer.apply_chat_template(
-            served_messages, tools=served_tools, add_generation_prompt=True, tokenize=False
+            served_messages, tools=cast(Any, served_tools), add_generation_prompt=True, tokenize=False
         )
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
         reply_ids = tokenizer.encode(reply, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids(end)]
