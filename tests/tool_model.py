@@ -9,12 +9,10 @@ Tests send exactly these prompts (`WEATHER_TOOLS`, the messages below) to get th
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, cast
 
-from serve_app.tiny_glm import TinyGlmSpec, default_cache_dir, ensure_tiny_glm
+from serve_app.tiny_glm import TinyGlmSpec, build_once, default_cache_dir, ensure_tiny_glm
 
 MODEL_NAME = "tiny-glm-tools"
 _FORMAT = "3"  # bumped whenever the template, the data or the training change
@@ -123,21 +121,11 @@ def ensure_tool_model(cache_dir: str | Path | None = None) -> Path:
     """The folder of tiny-glm-tools, trained first if it is not in the cache yet (~10-30 s on 2 cores)."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     base = ensure_tiny_glm(root)
-    folder = root / f"{MODEL_NAME}{_FORMAT}-{TinyGlmSpec().folder_name}"
-    if (folder / _MARKER).exists():
-        return folder
-    staging = Path(tempfile.mkdtemp(prefix=".building-tools-", dir=root))
-    try:
-        steps = _train(base, staging)
-        (staging / _MARKER).write_text(json.dumps({"steps": steps}))
-        try:
-            staging.rename(folder)
-        except OSError:  # another process finished first: keep its folder
-            if not (folder / _MARKER).exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+
+    def build(staging: Path) -> str:
+        return json.dumps({"steps": _train(base, staging)})
+
+    return build_once(root / f"{MODEL_NAME}{_FORMAT}-{TinyGlmSpec().folder_name}", _MARKER, build)
 
 
 def _train(base: Path, out: Path, max_steps: int = 600) -> int:
