@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import cast
 
+from ray.serve.handle import DeploymentResponseGenerator
+
 from serve_app.config import LimitsConfig
 from serve_app.errors import APIError, InvalidRequest, error_body, serving_failure
 from serve_app.limits import cap_completion_tokens, check_chat_messages
@@ -127,8 +129,7 @@ class ChatService:
             )
             for choice in range(request.n)
         ]
-        streams = await asyncio.gather(*(_started(model, generate) for generate in generates))
-        return PreparedChat(model, generates, list(streams), builders)
+        return PreparedChat(model, generates, await _started(model, generates), builders)
 
     async def complete(self, prepared: PreparedChat) -> ChatCompletionResponse:
         async def collect(stream: AsyncIterator[GenerationChunk]) -> list[GenerationChunk]:
@@ -174,18 +175,31 @@ class ChatService:
         yield DONE
 
 
-async def _started(model: ModelHandle, generate: GenerateRequest) -> AsyncIterator[GenerationChunk]:
-    """Send the request and wait for its first increment, so that a refusal (the deployment's queue is full) or a
-    lost replica is raised while the answer can still be a status code, not an error event inside a 200 stream."""
-    chunks = cast(AsyncIterator[GenerationChunk], model.handle.generate.remote(generate))
-    first = await anext(chunks)
+async def _started(
+    model: ModelHandle, generates: list[GenerateRequest]
+) -> list[AsyncIterator[GenerationChunk]]:
+    """Send the requests (one per choice) and wait for each one's first increment, so that a refusal (the
+    deployment's queue is full) or a lost replica is raised while the answer can still be a status code, not an
+    error event inside a 200 stream. If one choice fails to start, the others are cancelled."""
+    # The handle streams (registry: `.options(stream=True)`): each call gives a response generator.
+    responses = [
+        cast(DeploymentResponseGenerator, model.handle.generate.remote(generate)) for generate in generates
+    ]
+    try:
+        firsts = await asyncio.gather(*(anext(response) for response in responses))
+    except BaseException:
+        for response in responses:
+            response.cancel()
+        raise
 
-    async def from_first() -> AsyncIterator[GenerationChunk]:
+    async def from_first(
+        first: GenerationChunk, chunks: DeploymentResponseGenerator
+    ) -> AsyncIterator[GenerationChunk]:
         yield first
         async for chunk in chunks:
             yield chunk
 
-    return from_first()
+    return [from_first(first, response) for first, response in zip(firsts, responses)]
 
 
 class _ChunkFramer:
