@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -16,8 +17,9 @@ from tests.secured_app import APP_NAME, SecuredApp, deploy_secured_app
 
 
 def _free_port() -> int:
-    # Ray's own workers take 10002-19999; our servers stay above that.
-    for port in range(28000, 29000):
+    # Ray's own workers take 10002-19999; our servers stay above that. In random order: sessions started together
+    # on one machine probed the same first port, and Serve's proxies (SO_REUSEPORT) then shared it.
+    for port in random.sample(range(28000, 29000), 1000):
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) != 0:
                 return port
