@@ -105,13 +105,22 @@ INSTRUCTIONS = [
 ]
 
 
-def make_messages(n: int) -> list[list[dict[str, str]]]:
-    """n one-turn chats, the same ones on every run."""
+def make_messages(n: int, prompt_tokens: int = 0) -> list[list[dict[str, str]]]:
+    """n one-turn chats, the same ones on every run; with `prompt_tokens`, each made about that long (in the bench
+    model's tokens) by appending more of the sentences."""
     sentences = make_sentences(n, seed=4321)
-    return [
-        [{"role": "user", "content": f"{INSTRUCTIONS[i % len(INSTRUCTIONS)]} {s}"}]
-        for i, s in enumerate(sentences)
-    ]
+    chats = [f"{INSTRUCTIONS[i % len(INSTRUCTIONS)]} {s}" for i, s in enumerate(sentences)]
+    if prompt_tokens:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_folder(None))
+        filler = " ".join(make_sentences(400, seed=99))
+        filler_ids = tokenizer.encode(filler, add_special_tokens=False)
+        for i, chat in enumerate(chats):
+            missing = max(0, prompt_tokens - len(tokenizer.encode(chat, add_special_tokens=False)))
+            start = (i * 37) % max(1, len(filler_ids) - missing)
+            chats[i] = chat + " " + tokenizer.decode(filler_ids[start : start + missing])
+    return [[{"role": "user", "content": chat}] for chat in chats]
 
 
 def model_folder(cache_dir: str | None) -> Path:
@@ -272,6 +281,8 @@ async def _one_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any])
     first: float | None = None
     usage: dict[str, Any] | None = None
     events = content_events = 0
+    gaps: list[float] = []  # between consecutive content events: a prefill stall shows here
+    last: float | None = None
     error = None
     async with client.stream("POST", url, json=body) as response:
         if response.status_code != 200:
@@ -286,8 +297,12 @@ async def _one_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any])
             # Parse only what is needed: the first content chunk, the usage chunk, errors.
             if '"content":"' in payload and '"content":""' not in payload:
                 content_events += 1
+                now = time.perf_counter()
                 if first is None:
-                    first = time.perf_counter()
+                    first = now
+                if last is not None:
+                    gaps.append(now - last)
+                last = now
             if '"usage":{' in payload:
                 usage = json.loads(payload).get("usage")
             elif '"error"' in payload and '"choices"' not in payload:
@@ -300,6 +315,7 @@ async def _one_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any])
     tokens = int(usage["completion_tokens"])
     return {
         "ttft_s": (first if first is not None else end) - t0,
+        "gaps_s": gaps,
         "latency_s": end - t0,
         "tokens": tokens,
         "content_events": content_events,
@@ -348,10 +364,15 @@ async def _load(
     tokens = sum(r["tokens"] for r in results)
     ttfts = [r["ttft_s"] * 1000 for r in results]
     speeds = [r["stream_tokens_per_s"] for r in results if r["stream_tokens_per_s"]]
+    gaps = [g * 1000 for r in results for g in r["gaps_s"]]
     return {
         "tokens_per_s": tokens / elapsed,
         "ttft_p50_ms": pct(ttfts, 50),
         "ttft_p95_ms": pct(ttfts, 95),
+        "ttft_p99_ms": pct(ttfts, 99),
+        # Client-side gap between two text events of a stream (glm-serve sends one per stream_interval_ms, the
+        # peer one per token): its p99 is the stall a joining prompt's prefill causes.
+        "gap_p99_ms": pct(gaps, 99) if gaps else None,
         "latency_p50_s": pct([r["latency_s"] for r in results], 50),
         "stream_tokens_per_s_p50": pct(speeds, 50) if speeds else None,
         "completion_tokens": tokens,
@@ -405,7 +426,8 @@ def measure_levels(
                 clean += 1
             print(
                 f"  {label:<10} {concurrency:>2} streams: {result['tokens_per_s']:7.1f} tokens/s  "
-                f"TTFT p50 {result['ttft_p50_ms']:7.1f} ms  p95 {result['ttft_p95_ms']:7.1f} ms  "
+                f"TTFT p50 {result['ttft_p50_ms']:7.1f} ms  p99 {result['ttft_p99_ms']:7.1f} ms  "
+                f"gap p99 {fmt(result['gap_p99_ms'], '.1f')} ms  "
                 f"stream p50 {fmt(result['stream_tokens_per_s_p50'], '.1f')} tok/s  "
                 f"({result['requests']} x <= {args.max_tokens} tokens, {result['completion_tokens']} in all, "
                 f"{result['content_events_per_token']:.2f} events/token, cpu {cpu.busy_pct:.0f}%, probe {probe:.0f} ms)"
@@ -452,16 +474,19 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
 
     from deployments.chat_engine.continuous import ContinuousBatchingEngine
     from deployments.model_files import end_token_ids
-    from serve_app.profiles import CHAT_CPU_THREADS
+    from serve_app.profiles import CHAT_CPU_THREADS, cpu_demo_args
     from serve_app.protocol.engine import GenerateRequest, SamplingParams
 
     torch.set_num_threads(args.chat_threads or CHAT_CPU_THREADS)  # as the chat replica of the CPU profile
     folder = model_folder(args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    prompts = prompt_ids(tokenizer, make_messages(args.prompts))
+    prompts = prompt_ids(tokenizer, make_messages(args.prompts, args.prompt_tokens))
     ends = end_token_ids(model.generation_config.eos_token_id, tokenizer)
-    engine = ContinuousBatchingEngine(model, tokenizer, ends, 32, model.config.max_position_embeddings)
+    chunk = cpu_demo_args(args.cache_dir)["chat_models"][0][
+        "prefill_chunk_tokens"
+    ]  # as the CPU profile's replica
+    engine = ContinuousBatchingEngine(model, tokenizer, ends, 32, model.config.max_position_embeddings, chunk)
     forward = {"s": 0.0, "calls": 0}
     original = model.forward
 
@@ -477,15 +502,22 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
 
     async def one(i: int, budget: int, sink: list[tuple[float, int]]) -> None:
         request = GenerateRequest(str(i), prompts[i], SamplingParams(max_tokens=budget, temperature=0.0))
-        t0, first, tokens = time.perf_counter(), None, 0
+        t0, first, last, tokens = time.perf_counter(), None, None, 0
         async for chunk in engine.stream(request):
-            if first is None and chunk.text:
-                first = time.perf_counter()
+            now = time.perf_counter()
+            if chunk.text:
+                first = first or now
+                if last is not None:
+                    gaps.append(now - last)
+                last = now
             tokens = chunk.completion_tokens
         sink.append(((first or time.perf_counter()) - t0, tokens))
 
+    gaps: list[float] = []
+
     async def level(concurrency: int, requests: int, budget: int) -> dict[str, Any]:
         work, done = iter(range(requests)), []
+        gaps.clear()
 
         async def user() -> None:
             for i in work:
@@ -501,6 +533,8 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
             "tokens_per_s": tokens / elapsed,
             "ttft_p50_ms": pct(ttfts, 50),
             "ttft_p95_ms": pct(ttfts, 95),
+            "ttft_p99_ms": pct(ttfts, 99),
+            "gap_p99_ms": pct([g * 1000 for g in gaps], 99) if gaps else None,
             "completion_tokens": tokens,
             "requests": requests,
             "seconds": elapsed,
@@ -517,7 +551,8 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
             r = out[f"c{concurrency}"] = await level(concurrency, requests, args.max_tokens)
             print(
                 f"  engine     {concurrency:>2} streams: {r['tokens_per_s']:7.1f} tokens/s  TTFT p50 "
-                f"{r['ttft_p50_ms']:7.1f} ms  p95 {r['ttft_p95_ms']:7.1f} ms  (forward passes "
+                f"{r['ttft_p50_ms']:7.1f} ms  p99 {r['ttft_p99_ms']:7.1f} ms  gap p99 "
+                f"{fmt(r['gap_p99_ms'], '.1f')} ms  (forward passes "
                 f"{100 * r['forward_share']:.0f}% of the time, {r['forward_ms_per_call']:.2f} ms each)",
                 flush=True,
             )
@@ -538,7 +573,7 @@ def measure_limit(args: argparse.Namespace) -> dict[str, Any]:
     folder = model_folder(args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    prompts = prompt_ids(tokenizer, make_messages(args.prompts))
+    prompts = prompt_ids(tokenizer, make_messages(args.prompts, args.prompt_tokens))
     eos = model.generation_config.eos_token_id
     end_ids = set(eos if isinstance(eos, list) else [eos])
     gen = GenerationConfig(
@@ -645,24 +680,30 @@ def measure_limit(args: argparse.Namespace) -> dict[str, Any]:
 # The servers
 
 
-def demo_app(cache_dir: str | None, chat_threads: int | None) -> Any:
-    """The demo profile with the benchmark model; --chat-threads changes the chat replica's torch threads."""
-    from serve_app.profiles import build_demo_app
-
-    if chat_threads is None:
-        return build_demo_app({"cache_dir": cache_dir, "tiny_glm": BENCH_SPEC})
+def demo_app(cache_dir: str | None, chat_overrides: dict[str, Any]) -> Any:
+    """The demo profile with the benchmark model; `chat_overrides` change the chat model's config (--chat-threads
+    sets cpu_threads, --prefill-chunk-tokens prefill_chunk_tokens)."""
     from serve_app.builder import bind_graph, parse_config
     from serve_app.profiles import cpu_demo_args
     from serve_app.tiny_glm import TinyGlmSpec
 
     config = cpu_demo_args(cache_dir, TinyGlmSpec(**BENCH_SPEC))
-    config["chat_models"][0]["cpu_threads"] = chat_threads
+    config["chat_models"][0].update(chat_overrides)
     return bind_graph(parse_config(config))
 
 
-def serve_child(port: int, temp_dir: str, cache_dir: str | None, chat_threads: int | None) -> None:
+def chat_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if args.chat_threads:
+        overrides["cpu_threads"] = args.chat_threads
+    if args.prefill_chunk_tokens:
+        overrides["prefill_chunk_tokens"] = args.prefill_chunk_tokens
+    return overrides
+
+
+def serve_child(port: int, temp_dir: str, cache_dir: str | None, overrides: dict[str, Any]) -> None:
     """glm-serve's demo profile with the benchmark model, until SIGTERM."""
-    serve_until_sigterm(demo_app(cache_dir, chat_threads), port, temp_dir)
+    serve_until_sigterm(demo_app(cache_dir, overrides), port, temp_dir)
 
 
 def start_glm_serve(
@@ -677,6 +718,8 @@ def start_glm_serve(
         command += ["--cache-dir", args.cache_dir]
     if args.chat_threads:
         command += ["--chat-threads", str(args.chat_threads)]
+    if args.prefill_chunk_tokens:
+        command += ["--prefill-chunk-tokens", str(args.prefill_chunk_tokens)]
     log = open(log_path, "w")  # noqa: SIM115
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -898,6 +941,18 @@ def main() -> int:
     parser.add_argument(
         "--max-tokens", type=int, default=128, help="completion budget per request (default 128)"
     )
+    parser.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=0,
+        help="the chat replica's (and the engine part's) prefill chunk (default: the CPU profile's)",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=0,
+        help="make every prompt about this long (default: ~20-80 tokens)",
+    )
     parser.add_argument("--rounds", type=int, default=4, help="requests per simulated user (default 4)")
     parser.add_argument(
         "--c1-requests", type=int, default=8, help="requests of the 1-stream level (default 8)"
@@ -950,7 +1005,7 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.serve_child:
-        serve_child(args.port, args.temp_dir, args.cache_dir, args.chat_threads)
+        serve_child(args.port, args.temp_dir, args.cache_dir, chat_overrides(args))
         return 0
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     needed = max(requests_for(c, args.rounds, args.c1_requests) for c in concurrencies) + max(concurrencies)
@@ -965,7 +1020,7 @@ def main() -> int:
     parts = set(args.only or ["limit", "engine", "glm", "peer"])
     if args.no_peer:
         parts.discard("peer")
-    messages = make_messages(args.prompts)
+    messages = make_messages(args.prompts, args.prompt_tokens)
     folder = model_folder(args.cache_dir)
     env_overrides = dict(kv.split("=", 1) for kv in args.env)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -1075,6 +1130,8 @@ def run_child(flag: str, args: argparse.Namespace) -> dict[str, Any]:
         flag,
         "--max-tokens",
         str(args.max_tokens),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
         "--concurrency",
         args.concurrency,
     ]
@@ -1092,6 +1149,8 @@ def run_child(flag: str, args: argparse.Namespace) -> dict[str, Any]:
         command += ["--cache-dir", args.cache_dir]
     if args.chat_threads:
         command += ["--chat-threads", str(args.chat_threads)]
+    if args.prefill_chunk_tokens:
+        command += ["--prefill-chunk-tokens", str(args.prefill_chunk_tokens)]
     with CpuWindow() as cpu:
         child = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     result: dict[str, Any] = {}

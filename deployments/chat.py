@@ -19,6 +19,7 @@ from deployments.model_files import (
     end_token_ids,
     generation_defaults,
     load_tokenizer,
+    model_path,
     resolve_device,
     resolve_dtype,
 )
@@ -40,7 +41,9 @@ class ChatDeployment:
         device = resolve_device(config.device, config.cpu_threads)
         self._tokenizer = load_tokenizer(config)
         model = AutoModelForCausalLM.from_pretrained(
-            config.path, dtype=resolve_dtype(config.dtype, device), trust_remote_code=config.trust_remote_code
+            model_path(config),
+            dtype=resolve_dtype(config.dtype, device),
+            trust_remote_code=config.trust_remote_code,
         )
         model.to(device).eval()  # type: ignore[arg-type]
         self._model = model
@@ -59,7 +62,13 @@ class ChatDeployment:
         self._engine: Engine
         if choose_engine(config.engine, model, config.name) == "continuous":
             self._engine = ContinuousBatchingEngine(
-                model, self._tokenizer, end_ids, config.max_num_seqs, context_window(config), **options
+                model,
+                self._tokenizer,
+                end_ids,
+                config.max_num_seqs,
+                context_window(config),
+                config.prefill_chunk_tokens,
+                **options,
             )
         else:
             self._engine = SequentialEngine(model, self._tokenizer, end_ids, **options)

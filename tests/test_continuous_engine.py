@@ -128,3 +128,19 @@ def test_a_refusal_keeps_its_retry_after_when_ray_carries_it_to_the_ingress() ->
         "overloaded",
         {"Retry-After": "3"},
     )
+
+
+def test_prompts_prefilled_in_chunks_between_decode_steps_equal_generate(parts: Any) -> None:
+    model, tokenizer, ends = parts
+    # Chunks of 16 tokens: most of these prompts (~15-120 tokens) are prefilled over several turns, while the
+    # others decode; short ones still join in waves.
+    engine = ContinuousBatchingEngine(
+        model, tokenizer, ends, max_num_seqs=4, max_model_len=512, prefill_chunk_tokens=16
+    )
+    try:
+        requests = [request(tokenizer, i) for i in (0, 7, 1, 9, 3, 5)]
+        assert max(len(r.prompt_token_ids) for r in requests) > 3 * 16
+        assert run(engine, requests) == [generate_text(model, tokenizer, ends, r) for r in requests]
+        assert engine.running_sequences == 0 and engine.waiting_sequences == 0
+    finally:
+        engine.close()

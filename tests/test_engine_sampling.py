@@ -171,3 +171,18 @@ def test_both_engines_sample_the_same_text_for_the_same_seed(
             )
     finally:
         sequential.close()
+
+
+def test_logit_bias_bans_and_forces_tokens(
+    engine: Any, confident: Any, next_token_probs: torch.Tensor
+) -> None:
+    tokenizer = confident[1]
+    best, runner_up = torch.topk(next_token_probs, 2).indices.tolist()
+    banned = _sampled(engine, tokenizer, temperature=0.0, logit_bias=((best, -100.0),))
+    assert set(banned) == _top_texts(tokenizer, next_token_probs, 2) - _top_texts(
+        tokenizer, next_token_probs, 1
+    )
+    unlikely = int(torch.argmin(next_token_probs))
+    forced = _sampled(engine, tokenizer, temperature=1.0, logit_bias=((unlikely, 100.0),))
+    assert set(forced) == {tokenizer.decode([unlikely], skip_special_tokens=False)}
+    assert runner_up != best

@@ -138,7 +138,6 @@ def test_user_and_metadata_are_accepted(client: openai.OpenAI) -> None:
 
 
 UNSUPPORTED = {
-    "logit_bias": {"50256": -100},
     "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"],
     "prediction": {"type": "content", "content": "x"},

@@ -160,3 +160,36 @@ def test_a_broken_model_fails_its_health_check_and_its_replica_is_replaced(http:
         "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     )
     assert reply.status_code == 200, reply.text
+
+
+def test_a_broken_engine_answers_503_until_serve_replaces_its_replica(http: httpx.Client) -> None:
+    from ray import serve
+
+    before = _replica_name(CHAT)
+    handle = serve.get_deployment_handle(CHAT, app_name="glm-serve")
+    handle.break_engine_for_tests.remote().result()
+    broken_at = time.monotonic()
+    statuses: list[int] = []
+
+    def replaced() -> bool:
+        reply = http.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        )
+        statuses.append(reply.status_code)
+        if (
+            reply.status_code == 503
+        ):  # refused by the broken engine, or waited past the deadline for its successor
+            _assert_unavailable(reply, "replica_unavailable", "overloaded")
+        live = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::glm-serve#{CHAT}#")
+        ]
+        return reply.status_code == 200 and before not in live
+
+    _until(replaced)
+    # Meanwhile every request was told to retry (503 + Retry-After): never a 500, never a hang.
+    assert set(statuses) <= {200, 503} and statuses[0] == 503, statuses
+    print(
+        f"broken engine: {statuses.count(503)} requests answered 503, replaced in {time.monotonic() - broken_at:.1f} s"
+    )

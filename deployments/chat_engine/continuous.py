@@ -1,7 +1,9 @@
 """Continuous batching: many conversations share each forward pass of one chat replica.
 
-One worker thread owns the model. Each turn of its loop admits waiting requests (a prefill each, written into a
-free KV slot), then runs one decode step for every running sequence together, each at its own position. A
+One worker thread owns the model. Each turn of its loop runs at most one prefill forward pass (of at most
+`prefill_chunk_tokens` prompt tokens: a wave of short waiting prompts together, or the next chunk of a long
+one), then one decode step for every running sequence together, each at its own position. So a joining prompt
+stalls the running streams by one chunk at most, however long it is, and new streams start between steps. A
 sequence leaves the batch at the step it finishes, hits a stop string, or its client goes away, and its slot is
 reused at once. Every per-token task (sampling, detokenization, stop strings) runs here, off the event loop.
 
@@ -37,8 +39,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ray.serve")
 
-# Prompt tokens prefilled in one forward pass: new requests join in waves without stalling running streams long.
-_PREFILL_TOKEN_BUDGET = 2048
 # Decode steps failing one after another: past this, the model (or the engine) is broken, not one request.
 _MAX_FAILED_STEPS = 3
 
@@ -51,11 +51,13 @@ class ContinuousBatchingEngine(Engine):
         end_token_ids: list[int],
         max_num_seqs: int,
         max_model_len: int,
+        prefill_chunk_tokens: int = 2048,
         **options: Any,
     ) -> None:
         """`options`: the `Engine` keyword arguments (stream interval, metrics, queue deadline, defaults)."""
         super().__init__(model, tokenizer, end_token_ids, **options)
         self._max_model_len = max_model_len
+        self._chunk_tokens = prefill_chunk_tokens
         config = model.config.get_text_config()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._cache = SlotKVCache(
@@ -72,11 +74,14 @@ class ContinuousBatchingEngine(Engine):
         self._lm_head = model.get_output_embeddings()
         self._vocab_size = self._lm_head.weight.shape[0]
         self._running: list[Sequence] = []  # row i uses KV slot i
+        # A prompt longer than a chunk, being prefilled into the staging slot: its sequence and tokens done.
+        self._staged: tuple[Sequence, int] | None = None
         self._waiting: deque[Job] = deque()
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._closed = False
         self._failed_steps = 0  # decode steps failed in a row
+        self._break_requested = False  # fault injection (break_for_tests)
         self._reported_sequences = (-1, -1)  # (running, waiting) last sent to the metrics
         self._thread = threading.Thread(target=self._loop, name="continuous-batching", daemon=True)
         self._thread.start()
@@ -93,7 +98,7 @@ class ContinuousBatchingEngine(Engine):
 
     @property
     def waiting_sequences(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + (self._staged is not None)
 
     def _submit(self, job: Job) -> None:
         request = job.request
@@ -114,8 +119,7 @@ class ContinuousBatchingEngine(Engine):
             raise RuntimeError("the continuous-batching loop thread has died")
 
     def break_for_tests(self) -> None:
-        with self._lock:
-            self._cache.add_sequence()  # a slot no row owns
+        self._break_requested = True  # applied by the worker at its next turn: it alone touches the cache
         self._wakeup.set()
 
     def close(self) -> None:
@@ -135,6 +139,9 @@ class ContinuousBatchingEngine(Engine):
                     self._break(f"its loop failed: {exc!r}")
 
     def _turn(self) -> None:
+        if self._break_requested:
+            self._break_requested = False
+            self._cache.add_sequence()  # a slot that no row owns
         if self.broken is not None:
             self._refuse_all()
             self._wakeup.wait()
@@ -151,8 +158,9 @@ class ContinuousBatchingEngine(Engine):
         if self._metrics is not None:
             self._report_sequences(self._metrics)
         if not self._running:
-            self._wakeup.wait()
-            self._wakeup.clear()
+            if self._staged is None and not self._waiting:  # else the next turn has prefill work
+                self._wakeup.wait()
+                self._wakeup.clear()
             return
         step_started = step_started or time.perf_counter()
         try:
@@ -183,6 +191,9 @@ class ContinuousBatchingEngine(Engine):
 
     def _refuse_all(self) -> None:
         refusal = self.unavailable()
+        if self._staged is not None:
+            self._staged[0].fail(refusal)
+            self._staged = None
         for sequence in self._running:
             if not sequence.done:
                 sequence.fail(refusal)
@@ -200,23 +211,33 @@ class ContinuousBatchingEngine(Engine):
             metrics.sequences(*counts)
 
     def _admit(self) -> None:
-        """Prefill waiting requests, several per forward pass, within the prefill token budget."""
-        while len(self._running) < self._cache.num_slots:
-            jobs: list[Job] = []
-            tokens = 0
-            with self._lock:
-                while self._waiting and len(self._running) + len(jobs) < self._cache.num_slots:
-                    job = self._waiting[0]
-                    length = len(job.request.prompt_token_ids)
-                    if jobs and tokens + length > _PREFILL_TOKEN_BUDGET:
-                        break
-                    self._waiting.popleft()
-                    if not job.cancelled.is_set():
-                        jobs.append(job)
-                        tokens += length
-            if not jobs:
-                return
-            self._prefill_or_fail(jobs)
+        """One prefill forward pass: the next chunk of the staged prompt, else a wave of waiting prompts (or the
+        first chunk of a long one) within the chunk budget, while there are free slots."""
+        if self._staged is not None:
+            return self._prefill_next_chunk()
+        if len(self._running) >= self._cache.num_slots:
+            return
+        jobs: list[Job] = []
+        tokens = 0
+        with self._lock:
+            while self._waiting and len(self._running) + len(jobs) < self._cache.num_slots:
+                job = self._waiting[0]
+                length = len(job.request.prompt_token_ids)
+                if tokens + length > self._chunk_tokens and (jobs or length <= self._chunk_tokens):
+                    break  # joins a later wave
+                self._waiting.popleft()
+                if job.cancelled.is_set():
+                    continue
+                jobs.append(job)
+                tokens += length
+                if length > self._chunk_tokens:
+                    break  # a long prompt goes alone, in chunks
+        sequences = self._sequences(jobs)
+        if len(sequences) == 1 and tokens > self._chunk_tokens:
+            self._staged = (sequences[0], 0)
+            self._prefill_next_chunk()
+        elif sequences:
+            self._prefill_wave(sequences)
 
     def _refuse_late(self) -> None:
         """Refuse the jobs that waited past the queue deadline: the oldest are at the head of the queue."""
@@ -231,16 +252,60 @@ class ContinuousBatchingEngine(Engine):
                 if late is not None:
                     job.emit(late)
 
-    def _prefill_or_fail(self, jobs: list[Job]) -> None:
+    def _sequences(self, jobs: list[Job]) -> list[Sequence]:
+        """The jobs' sequences; a request whose sampler cannot be built fails here, before any model work."""
         sequences = []
-        for job in jobs:  # a request whose sampler cannot be built fails before any model work
+        for job in jobs:
             try:
                 sequences.append(self.new_sequence(job, self._vocab_size))
             except Exception as exc:  # noqa: BLE001 - reported to that request alone
                 logger.warning("request %s refused: %r", job.request.request_id, exc)
                 job.emit(exc)
-        if sequences:
-            self._prefill_wave(sequences)
+        return sequences
+
+    def _prefill_next_chunk(self) -> None:
+        """Prefill the staged prompt's next chunk; after its last, it joins the batch with its first token."""
+        assert self._staged is not None
+        sequence, done = self._staged
+        prompt = sequence.job.request.prompt_token_ids
+        if sequence.job.cancelled.is_set():
+            self._staged = None
+            return
+        length = min(self._chunk_tokens, len(prompt) - done)
+        try:
+            logits = self._prefill_chunk(prompt, done, length)
+            if done + length < len(prompt):
+                self._staged = (sequence, done + length)
+                return
+            self._staged = None
+            (choice,) = choose_tokens([sequence.sampler], logits)
+            self._cache.commit_staged(len(prompt))
+        except Exception as exc:
+            logger.exception("chunked prefill failed")
+            self._staged = None
+            sequence.fail(exc)
+            return
+        self._running.append(sequence)
+        self._accept(sequence, choice)
+        self._release_done()
+
+    def _prefill_chunk(self, prompt: list[int], start: int, length: int) -> torch.Tensor:
+        """One forward pass over prompt[start:start+length] in the staging slot; the last position's logits."""
+        device = self._model.device
+        input_ids = torch.tensor([prompt[start : start + length]], dtype=torch.long, device=device)
+        positions = torch.arange(start, start + length, device=device)
+        keys = torch.arange(start + length, device=device)
+        mask = (keys[None, :] <= positions[:, None])[None, None]  # [1, 1, query, key]: causal over all chunks
+        self._cache.prepare_chunk(start, length)
+        hidden = self._decoder(
+            input_ids=input_ids,
+            position_ids=positions[None, :],
+            attention_mask=mask,
+            cache=self._cache,
+            use_cache=True,
+        ).last_hidden_state
+        self._cache.finish_step()
+        return self._lm_head(hidden[:, -1]).float()
 
     def _prefill_wave(self, sequences: list[Sequence]) -> None:
         try:
@@ -273,16 +338,16 @@ class ContinuousBatchingEngine(Engine):
         """One forward pass over the new prompts; returns each one's next-token logits ([rows, vocab] float32)."""
         device = self._model.device
         prompts = [job.request.prompt_token_ids for job in jobs]
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
-        width = int(lengths.max())
-        input_ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, : len(prompt)] = torch.tensor(prompt, device=device)
+        sizes = [len(p) for p in prompts]  # from the host: no device sync to learn them
+        width = max(sizes)
+        padded = [prompt + [0] * (width - len(prompt)) for prompt in prompts]
+        input_ids = torch.tensor(padded, dtype=torch.long, device=device)
+        lengths = torch.tensor(sizes, device=device)
         columns = torch.arange(width, device=device)
         causal = columns[None, :] <= columns[:, None]  # [query, key]
         real_keys = columns[None, :] < lengths[:, None]  # [row, key]
         mask = causal[None, :, :] & real_keys[:, None, :]
-        self._cache.prepare_prefill(list(zip(slots, lengths.tolist(), strict=True)))
+        self._cache.prepare_prefill(list(zip(slots, sizes, strict=True)))
         hidden = self._decoder(
             input_ids=input_ids,
             position_ids=columns[None, :].expand(len(prompts), -1),

@@ -76,6 +76,12 @@ class RowSampler:
             self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             prompt = torch.tensor([t for t in prompt_token_ids if 0 <= t < vocab_size], dtype=torch.long)
             self._seen[prompt.to(device)] = True
+        self._bias: torch.Tensor | None = None
+        if params.logit_bias:
+            self._bias = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            for token, bias in params.logit_bias:
+                if 0 <= token < vocab_size:
+                    self._bias[token] = bias
         self._counts: torch.Tensor | None = None
         if params.presence_penalty or params.frequency_penalty:
             # OpenAI's penalties cover the reply only.
@@ -88,6 +94,7 @@ class RowSampler:
             self.params.greedy
             and self._seen is None
             and self._counts is None
+            and self._bias is None
             and self.constraint is None
             and not self.params.logprobs
         )
@@ -124,11 +131,13 @@ class RowSampler:
         return torch.multinomial(probs, 1, generator=self._generator)[0]
 
     def penalized(self, logits: torch.Tensor) -> torch.Tensor:
-        """The row's logits after its penalties and its grammar: what temperature, top-k and top-p act on."""
+        """The row's logits after its bias, penalties and grammar: what temperature, top-k and top-p act on."""
         params = self.params
-        if self._seen is None and self._counts is None and self.constraint is None:
+        if self._seen is None and self._counts is None and self._bias is None and self.constraint is None:
             return logits
         logits = logits.clone()
+        if self._bias is not None:
+            logits += self._bias
         if self._seen is not None:
             seen = logits[self._seen]
             penalty = self._repetition_penalty
@@ -160,7 +169,7 @@ def choose_tokens(samplers: list[RowSampler], logits: torch.Tensor) -> list[Chos
     if picks:
         rows = torch.tensor(list(picks), device=logits.device)
         chosen = chosen.index_put((rows,), torch.stack(list(picks.values())))
-    tokens, is_finite = chosen.tolist(), finite.tolist()  # the step's one host sync
+    tokens, is_finite = torch.stack([chosen, finite.long()]).tolist()  # the step's one host sync
     logprobs = _logprobs(samplers, logits, tokens)
     results: list[Chosen] = []
     for row, token in enumerate(tokens):

@@ -3,8 +3,11 @@
 It stands in for transformers' `Cache` through the one method decoder layers call, `update(keys, values, layer)`:
 a prefill writes one sequence's prompt into its slot; a decode step writes one new position per running sequence,
 each at its own length. Running sequences always occupy slots 0..n-1, so the keys a step attends over are a view,
-not a copy; a sequence that leaves is replaced by the last one (one slot copied). Memory is fixed at start:
-slots x capacity x layers x 2 x kv_heads x head_dim.
+not a copy; a sequence that leaves is replaced by the last one (one slot copied).
+
+A long prompt is prefilled in chunks (one per engine turn, between decode steps) into an extra staging slot,
+each chunk attending over the chunks before it; once whole, it is copied into the next running slot. Memory is
+fixed at start: (slots + 1) x capacity x layers x 2 x kv_heads x head_dim.
 """
 
 from __future__ import annotations
@@ -23,15 +26,19 @@ class SlotKVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (num_slots, kv_heads, capacity, head_dim)
+        shape = (num_slots + 1, kv_heads, capacity, head_dim)  # the last one stages chunked prompts
         self._keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.capacity = capacity
         self.num_slots = num_slots
+        self._staging = num_slots
         self.lengths: list[int] = []  # tokens cached per running sequence, by slot
         self._device = device
         # What the next forward pass writes: the prompts of some new slots, or one position in each running slot.
         self._prefill: list[tuple[int, int]] | None = None  # (slot, prompt length) per row
+        self._chunk: tuple[int, int] | None = (
+            None  # (start, length) of the chunk written into the staging slot
+        )
         self._positions: torch.Tensor | None = None
         self._span = 0
 
@@ -58,11 +65,24 @@ class SlotKVCache:
 
     def prepare_prefill(self, slots_and_lengths: list[tuple[int, int]]) -> None:
         """Set up one forward pass over several new prompts, right-padded to the longest."""
-        self._prefill, self._positions = slots_and_lengths, None
+        self._prefill, self._positions, self._chunk = slots_and_lengths, None, None
+
+    def prepare_chunk(self, start: int, length: int) -> None:
+        """Set up one forward pass over tokens start..start+length-1 of the prompt being staged."""
+        self._prefill, self._positions, self._chunk = None, None, (start, length)
+
+    def commit_staged(self, length: int) -> int:
+        """Move the staged prompt (its first `length` tokens, all prefilled) into a new running slot."""
+        slot = self.add_sequence()
+        for cache in (self._keys, self._values):
+            for layer in cache:
+                layer[slot, :, :length] = layer[self._staging, :, :length]
+        self.lengths[slot] = length
+        return slot
 
     def prepare_decode(self) -> torch.Tensor:
         """Set up one decode step for every running sequence; returns their positions (also their RoPE ids)."""
-        self._prefill = None
+        self._prefill, self._chunk = None, None
         self._positions = torch.tensor(self.lengths, device=self._device)
         self._span = max(self.lengths) + 1
         return self._positions
@@ -74,7 +94,9 @@ class SlotKVCache:
         return (columns[None, :] <= self._positions[:, None])[:, None, None, :]
 
     def finish_step(self) -> None:
-        if self._prefill is not None:
+        if self._chunk is not None:
+            self._chunk = None  # the staged prompt's progress is the engine's to track
+        elif self._prefill is not None:
             for slot, length in self._prefill:
                 self.lengths[slot] = length
         else:
@@ -89,6 +111,14 @@ class SlotKVCache:
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self._keys[layer_idx], self._values[layer_idx]
+        if self._chunk is not None:
+            # This chunk attends to the chunks before it and to itself, all in the staging slot.
+            start, length = self._chunk
+            staging = self._staging
+            keys[staging, :, start : start + length] = key_states[0, :, :length]
+            values[staging, :, start : start + length] = value_states[0, :, :length]
+            end = start + length
+            return keys[staging : staging + 1, :, :end], values[staging : staging + 1, :, :end]
         if self._prefill is not None:
             # The prompts attend only to themselves: store each one's real tokens, hand the batch straight back.
             for row, (slot, length) in enumerate(self._prefill):

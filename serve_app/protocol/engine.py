@@ -45,6 +45,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # OpenAI's logit_bias: (token id, bias added to its logit) pairs; -100 bans a token, 100 all but forces it.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: bool = False  # return each chosen token's log-probability
     top_logprobs: int = 0  # and this many most likely alternatives at each position
     # An llguidance grammar (the JSON that llguidance.LLMatcher.grammar_from_json_schema / grammar_from_lark

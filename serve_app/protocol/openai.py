@@ -106,6 +106,8 @@ class ChatCompletionRequest(StrictRequest):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     seed: int | None = None
+    # Token id (as a string, as JSON keys are) -> bias in [-100, 100] added to its logit before sampling.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -118,6 +120,14 @@ class ChatCompletionRequest(StrictRequest):
     # Accepted and not used: they label requests in OpenAI's own logs.
     user: str | None = None
     metadata: dict[str, str] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.isdigit() or int(key) >= 2**31:
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), not {key!r}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -192,6 +202,7 @@ class ChatCompletionRequest(StrictRequest):
             frequency_penalty=self.frequency_penalty,
             seed=choice_seed(self.seed, choice),
             stop=tuple(stops),
+            logit_bias=tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items()),
             logprobs=self.logprobs,
             top_logprobs=self.top_logprobs or 0,
             grammar=grammar,

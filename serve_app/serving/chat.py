@@ -7,7 +7,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import cast
 
@@ -44,8 +45,9 @@ class PreparedChat:
 
     model: ModelHandle
     generates: list[GenerateRequest]
-    # Each choice's engine increments, read once; the last one carries the finish reason.
-    streams: list[AsyncIterator[GenerationChunk]]
+    # Each choice's engine increments, read once (and closed: that cancels its generation); the last one
+    # carries the finish reason.
+    streams: list[AsyncGenerator[GenerationChunk, None]]
     builders: list[ChoiceBuilder]
 
     @property
@@ -53,7 +55,7 @@ class PreparedChat:
         return len(self.generates[0].prompt_token_ids)
 
     @property
-    def chunks(self) -> AsyncIterator[GenerationChunk]:
+    def chunks(self) -> AsyncGenerator[GenerationChunk, None]:
         """The first choice's increments: the seed interfaces have one choice."""
         return self.streams[0]
 
@@ -132,8 +134,9 @@ class ChatService:
         return PreparedChat(model, generates, await _started(model, generates), builders)
 
     async def complete(self, prepared: PreparedChat) -> ChatCompletionResponse:
-        async def collect(stream: AsyncIterator[GenerationChunk]) -> list[GenerationChunk]:
-            return [chunk async for chunk in stream]
+        async def collect(stream: AsyncGenerator[GenerationChunk, None]) -> list[GenerationChunk]:
+            async with aclosing(stream) as chunks:
+                return [chunk async for chunk in chunks]
 
         results = await asyncio.gather(*(collect(stream) for stream in prepared.streams))
         return ChatCompletionResponse(
@@ -146,7 +149,8 @@ class ChatService:
 
     async def complete_text(self, prepared: PreparedChat) -> TextReply:
         """The first choice's whole text, as the seed interfaces answer (they send no tools)."""
-        chunks = [chunk async for chunk in prepared.chunks]
+        async with aclosing(prepared.chunks) as stream:
+            chunks = [chunk async for chunk in stream]
         last = chunks[-1]
         assert last.finish_reason is not None
         text = "".join(chunk.text for chunk in chunks)
@@ -163,10 +167,11 @@ class ChatService:
             yield frame.choices([builder.first()])
         completion_tokens = [0] * len(prepared.streams)
         try:
-            async for index, chunk in merged(prepared.streams):
-                completion_tokens[index] = chunk.completion_tokens
-                for piece in prepared.builders[index].increment(chunk):
-                    yield frame.choices([piece])
+            async with aclosing(merged(prepared.streams)) as choices:
+                async for index, chunk in choices:
+                    completion_tokens[index] = chunk.completion_tokens
+                    for piece in prepared.builders[index].increment(chunk):
+                        yield frame.choices([piece])
             if include_usage:
                 yield frame.usage(usage(prepared.prompt_tokens, sum(completion_tokens)))
         except Exception as exc:  # noqa: BLE001 - told to the client, then the stream ends properly
@@ -177,7 +182,7 @@ class ChatService:
 
 async def _started(
     model: ModelHandle, generates: list[GenerateRequest]
-) -> list[AsyncIterator[GenerationChunk]]:
+) -> list[AsyncGenerator[GenerationChunk, None]]:
     """Send the requests (one per choice) and wait for each one's first increment, so that a refusal (the
     deployment's queue is full) or a lost replica is raised while the answer can still be a status code, not an
     error event inside a 200 stream. If one choice fails to start, the others are cancelled."""
@@ -193,11 +198,16 @@ async def _started(
         raise
 
     async def from_first(
-        first: GenerationChunk, chunks: DeploymentResponseGenerator
-    ) -> AsyncIterator[GenerationChunk]:
-        yield first
-        async for chunk in chunks:
-            yield chunk
+        first: GenerationChunk, response: DeploymentResponseGenerator
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        try:
+            yield first
+            async for chunk in response:
+                yield chunk
+        finally:
+            # Closed before the last chunk (the client went away): stop the generation on the replica now, not
+            # whenever this generator is garbage-collected; the engine then frees the sequence's slot.
+            response.cancel()
 
     return [from_first(first, response) for first, response in zip(firsts, responses)]
 

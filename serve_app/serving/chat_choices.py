@@ -7,7 +7,8 @@ The same rules serve a whole answer and a stream: with tools, a reply that is a 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from serve_app.protocol.engine import GenerationChunk, TokenLogprob
@@ -109,18 +110,23 @@ class ChoiceBuilder:
 _END = object()
 
 
-async def merged(streams: list[AsyncIterator[GenerationChunk]]) -> AsyncIterator[tuple[int, GenerationChunk]]:
-    """The chunks of several choices as they come, each with its choice's index; a failure of one is raised."""
+async def merged(
+    streams: list[AsyncGenerator[GenerationChunk, None]],
+) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
+    """The chunks of several choices as they come, each with its choice's index; a failure of one is raised.
+    Closing this closes every choice's stream (which cancels its generation)."""
     if len(streams) == 1:
-        async for chunk in streams[0]:
-            yield 0, chunk
+        async with aclosing(streams[0]) as only:
+            async for chunk in only:
+                yield 0, chunk
         return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[GenerationChunk]) -> None:
+    async def pump(index: int, stream: AsyncGenerator[GenerationChunk, None]) -> None:
         try:
-            async for chunk in stream:
-                await queue.put((index, chunk))
+            async with aclosing(stream) as chunks:
+                async for chunk in chunks:
+                    await queue.put((index, chunk))
             await queue.put((index, _END))
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             await queue.put((index, exc))

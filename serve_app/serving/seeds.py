@@ -7,6 +7,7 @@ answer, so each gets a small framer here; prompts, limits and generation are Cha
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from pydantic import BaseModel
 
@@ -62,12 +63,13 @@ class GlmApiService:
         yield event({"role": "assistant"})
         text = ""
         try:
-            async for chunk in prepared.chunks:
-                if chunk.text:  # no event is ever empty
-                    text += chunk.text
-                    yield event({"content": chunk.text if increments else text})
-                if chunk.finish_reason is not None:
-                    yield event({}, chunk.finish_reason)
+            async with aclosing(prepared.chunks) as chunks:
+                async for chunk in chunks:
+                    if chunk.text:  # no event is ever empty
+                        text += chunk.text
+                        yield event({"content": chunk.text if increments else text})
+                    if chunk.finish_reason is not None:
+                        yield event({}, chunk.finish_reason)
         except Exception as exc:  # noqa: BLE001 - told to the client, then the stream ends properly
             failure = GlmStreamError(error=GlmStreamErrorInfo(message=stream_failure(exc).message))
             yield data_event(failure.model_dump_json())
@@ -96,10 +98,11 @@ class WebDemoService:
         response = ""
         error = None
         try:
-            async for chunk in prepared.chunks:
-                if chunk.text:
-                    response += chunk.text
-                    yield event(WebStreamDelta(delta=chunk.text, response=response))
+            async with aclosing(prepared.chunks) as chunks:
+                async for chunk in chunks:
+                    if chunk.text:
+                        response += chunk.text
+                        yield event(WebStreamDelta(delta=chunk.text, response=response))
         except Exception as exc:  # noqa: BLE001 - the last event says what went wrong
             error = stream_failure(exc).message
         history = request.history_after(response)
