@@ -42,6 +42,9 @@ class TokenizerDeployment:
         never as the token. Text without any tokenizes exactly as a one-pass encode of the rendered template.
         """
         tokenizer = self._tokenizer(model)
+        if tools and "tools" not in str(tokenizer.chat_template or ""):
+            # The template would drop them without a word: say so instead.
+            raise InvalidRequest(f"the chat template of {model!r} does not take tools", param="tools")
         try:
             # transformers marks the control tokens found in the inputs before rendering and encodes the marked
             # ones as text (`mark_control_tokens`, `encode_marked_chat`); a rendered chat with no marks is one

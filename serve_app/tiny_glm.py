@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,18 +90,27 @@ def ensure_tiny_glm(
 ) -> Path:
     """Return the folder of the tiny GLM described by `spec`, building it first if needed."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    folder = root / spec.folder_name
-    if (folder / _MARKER).exists():
-        return folder
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
-    try:
+
+    def build(staging: Path) -> str:
         _build(staging, spec)
-        (staging / _MARKER).write_text(json.dumps(asdict(spec)))
+        return json.dumps(asdict(spec))
+
+    return build_once(root / spec.folder_name, _MARKER, build)
+
+
+def build_once(folder: Path, marker: str, build: Callable[[Path], str]) -> Path:
+    """`folder`, built first unless a previous build completed it: `build(staging)` fills a staging folder and
+    returns the text of the marker file, written last, so a half-built folder is never taken for a built one."""
+    if (folder / marker).exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
+    try:
+        (staging / marker).write_text(build(staging))
         try:
             staging.rename(folder)
         except OSError:  # another process finished first: keep its folder
-            if not (folder / _MARKER).exists():
+            if not (folder / marker).exists():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

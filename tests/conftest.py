@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -16,8 +17,9 @@ from tests.secured_app import APP_NAME, SecuredApp, deploy_secured_app
 
 
 def _free_port() -> int:
-    # Ray's own workers take 10002-19999; our servers stay above that.
-    for port in range(28000, 29000):
+    # Ray's own workers take 10002-19999; our servers stay above that. In random order: sessions started together
+    # on one machine probed the same first port, and Serve's proxies (SO_REUSEPORT) then shared it.
+    for port in random.sample(range(28000, 29000), 1000):
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) != 0:
                 return port
@@ -45,18 +47,23 @@ def parts(tiny_glm_path: str) -> tuple[Any, Any, list[int]]:
 
 @pytest.fixture(scope="session")
 def base_url(tiny_glm_path: str) -> Iterator[str]:
-    from serve_app.profiles import build_demo_app
+    from serve_app.builder import bind_graph, parse_config
+    from serve_app.profiles import cpu_demo_args
     from serve_app.runtime import serving, stop_on_signals
+    from tests.tool_model import tool_model_args
 
     # Ctrl-C or SIGTERM of the session: pytest ends it and this teardown stops every process of the app within
     # seconds (also while it is still starting); a second signal kills them at once.
     stop_on_signals()
+    # The demo profile, plus the tool-calling model the tool tests talk to (a tenth of a CPU).
+    args = cpu_demo_args(extra_chat_models=[tool_model_args()])
 
     # A private temp dir (short: Ray's socket paths must fit 107 bytes) keeps runs from meeting each other.
     ray_dir = tempfile.mkdtemp(prefix="ray-glm-", dir="/tmp")
     # Metrics reach Ray's exporter every metrics_report_interval_ms (10 s by default): 1 s keeps test_metrics short.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with serving(
-        build_demo_app(),
+        bind_graph(parse_config(args)),
         port=_free_port(),
         healthy_within_s=180,
         _temp_dir=ray_dir,

@@ -21,7 +21,7 @@ CHAT_CASES: list[tuple[str, Any, int]] = [
     ("temperature too high", {"messages": USER, "temperature": 3}, 400),
     ("temperature negative", {"messages": USER, "temperature": -0.5}, 400),
     ("top_p zero", {"messages": USER, "top_p": 0}, 400),
-    ("n above one", {"messages": USER, "n": 2}, 400),
+    ("n above the limit", {"messages": USER, "n": 17}, 400),
     ("empty stop string", {"messages": USER, "stop": [""]}, 400),
     ("stream not a bool", {"messages": USER, "stream": "yes please"}, 400),
     ("body is a list", [1, 2, 3], 400),

@@ -8,7 +8,7 @@ import openai
 
 def test_models_lists_every_served_model(client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
-    assert ids == ["tiny-glm", "all-MiniLM-L6-v2"]
+    assert ids == ["tiny-glm", "tiny-glm-tools", "all-MiniLM-L6-v2"]
     card = client.models.retrieve("tiny-glm")
     assert card.id == "tiny-glm" and card.object == "model" and card.created > 0
 
@@ -48,6 +48,11 @@ def test_health_is_ok_when_every_deployment_answers(http: httpx.Client) -> None:
     response = http.get("/health")
     body = response.json()
     assert response.status_code == 200 and body["status"] == "ok"
-    assert set(body["deployments"]) == {"chat:tiny-glm", "embedding:all-MiniLM-L6-v2", "tokenizer"}
+    assert set(body["deployments"]) == {
+        "chat:tiny-glm",
+        "chat:tiny-glm-tools",
+        "embedding:all-MiniLM-L6-v2",
+        "tokenizer",
+    }
     assert body["deployments"]["embedding:all-MiniLM-L6-v2"] == {"dimensions": 384}
     assert body["deployments"]["chat:tiny-glm"]["running_sequences"] >= 0

@@ -101,7 +101,11 @@ def test_models_cards(http: httpx.Client) -> None:
     body = http.get("/models").json()
     assert body["object"] == "list"
     kinds = {card["id"]: card["object"] for card in body["data"]}
-    assert kinds == {"tiny-glm": "chat.completion", "all-MiniLM-L6-v2": "embedding"}
+    assert kinds == {
+        "tiny-glm": "chat.completion",
+        "tiny-glm-tools": "chat.completion",
+        "all-MiniLM-L6-v2": "embedding",
+    }
     for card in body["data"]:
         assert isinstance(card["created"], int) and card["owned_by"]
         assert card["root"] is None and card["parent"] is None and card["permission"] is None

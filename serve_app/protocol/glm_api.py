@@ -29,6 +29,19 @@ class GlmMessage(BaseModel):
     tools: list[dict[str, Any]] | None = None  # accepted as GLM-API did; the chat template decides their use
 
 
+class GlmTemplateMessage(ChatMessage):
+    """A GLM-API message as the chat template sees it, with the `tools` GLM-API forwarded on it (ChatGLM3's
+    format lists a system message's tools after its text)."""
+
+    tools: list[dict[str, Any]] | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        message = super().for_template()
+        if self.tools:
+            message["tools"] = self.tools
+        return message
+
+
 class GlmChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # GLM-API ignored fields it did not know
 
@@ -45,7 +58,8 @@ class GlmChatRequest(BaseModel):
         return ChatCompletionRequest(
             model=self.model,
             messages=[
-                ChatMessage(role=m.role, content=m.content, metadata=m.metadata) for m in self.messages
+                GlmTemplateMessage(role=m.role, content=m.content, metadata=m.metadata, tools=m.tools)
+                for m in self.messages
             ],
             max_tokens=self.max_tokens or GLM_DEFAULT_MAX_TOKENS,
             temperature=self.temperature,

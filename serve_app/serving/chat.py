@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -11,13 +12,13 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import cast
 
+from ray.serve.handle import DeploymentResponseGenerator
+
 from serve_app.config import LimitsConfig
 from serve_app.errors import APIError, InvalidRequest, error_body, serving_failure
 from serve_app.limits import cap_completion_tokens, check_chat_messages
 from serve_app.protocol.engine import ChatPrompt, FinishReason, GenerateRequest, GenerationChunk
 from serve_app.protocol.openai import (
-    AssistantMessage,
-    ChatCompletionChoice,
     ChatCompletionChunk,
     ChatCompletionChunkChoice,
     ChatCompletionRequest,
@@ -28,23 +29,42 @@ from serve_app.protocol.openai import (
     usage,
 )
 from serve_app.registry import ModelHandle, ModelRegistry
+from serve_app.serving.chat_choices import ChoiceBuilder, merged
 from serve_app.sse import DONE, data_event
+from serve_app.tools.constraints import reply_grammar
+from serve_app.tools.parser import ToolCallParser
+from serve_app.tools.prompts import template_tools
 
 logger = logging.getLogger("glm_serve")
 
 
 @dataclass(frozen=True)
 class PreparedChat:
-    """A request that passed every check and that the chat deployment has accepted and started generating."""
+    """A request that passed every check and that the chat deployment has accepted and started generating:
+    one sequence per choice (`n`), each with its own builder of the answer."""
 
     model: ModelHandle
-    generate: GenerateRequest
-    # The engine's increments, read once; the last one carries the finish reason.
-    chunks: AsyncGenerator[GenerationChunk, None]
+    generates: list[GenerateRequest]
+    # Each choice's engine increments, read once (and closed: that cancels its generation); the last one
+    # carries the finish reason.
+    streams: list[AsyncGenerator[GenerationChunk, None]]
+    builders: list[ChoiceBuilder]
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.generate.prompt_token_ids)
+        return len(self.generates[0].prompt_token_ids)
+
+    @property
+    def chunks(self) -> AsyncGenerator[GenerationChunk, None]:
+        """The first choice's increments: the seed interfaces have one choice."""
+        return self.streams[0]
+
+
+@dataclass(frozen=True)
+class TextReply:
+    text: str
+    finish_reason: FinishReason
+    usage: UsageInfo
 
 
 def completion_budget(prompt: ChatPrompt, requested: int | None, fit_to_window: bool = False) -> int:
@@ -87,77 +107,109 @@ class ChatService:
         requested, fit_to_window = cap_completion_tokens(
             self._limits, request.requested_max_tokens, request.max_tokens_param, fit_to_window
         )
-        prompt: ChatPrompt = await self._registry.tokenizer.render_chat.remote(model.name, messages)
-        max_tokens = completion_budget(prompt, requested, fit_to_window)
-        generate = GenerateRequest(
-            request_id=uuid.uuid4().hex,
-            prompt_token_ids=prompt.token_ids,
-            sampling=request.to_sampling_params(max_tokens),
-            received_at=received_at,
+        grammar = reply_grammar(request)
+        prompt: ChatPrompt = await self._registry.tokenizer.render_chat.remote(
+            model.name, messages, tools=template_tools(request.prompt_tools)
         )
-        return PreparedChat(model, generate, await _started(model, generate))
+        max_tokens = completion_budget(prompt, requested, fit_to_window)
+        generates = [
+            GenerateRequest(
+                request_id=uuid.uuid4().hex,
+                prompt_token_ids=prompt.token_ids,
+                sampling=request.to_sampling_params(max_tokens, choice, grammar),
+                received_at=received_at,
+            )
+            for choice in range(request.n)
+        ]
+        callable_tools = request.callable_tools
+        builders = [
+            ChoiceBuilder(
+                choice,
+                ToolCallParser(callable_tools, request.parallel_tool_calls) if callable_tools else None,
+                request.logprobs,
+                request.top_logprobs or 0,
+            )
+            for choice in range(request.n)
+        ]
+        return PreparedChat(model, generates, await _started(model, generates), builders)
 
     async def complete(self, prepared: PreparedChat) -> ChatCompletionResponse:
-        text, last = [], None
-        async with aclosing(prepared.chunks) as chunks:
-            async for chunk in chunks:
-                text.append(chunk.text)
-                last = chunk
-        assert last is not None and last.finish_reason is not None
+        async def collect(stream: AsyncGenerator[GenerationChunk, None]) -> list[GenerationChunk]:
+            async with aclosing(stream) as chunks:
+                return [chunk async for chunk in chunks]
+
+        results = await asyncio.gather(*(collect(stream) for stream in prepared.streams))
         return ChatCompletionResponse(
             id=new_completion_id(),
             created=now(),
             model=prepared.model.name,
-            choices=[
-                ChatCompletionChoice(
-                    message=AssistantMessage(content="".join(text)), finish_reason=last.finish_reason
-                )
-            ],
-            usage=usage(prepared.prompt_tokens, last.completion_tokens),
+            choices=[builder.whole(chunks) for builder, chunks in zip(prepared.builders, results)],
+            usage=usage(prepared.prompt_tokens, sum(chunks[-1].completion_tokens for chunks in results)),
         )
 
+    async def complete_text(self, prepared: PreparedChat) -> TextReply:
+        """The first choice's whole text, as the seed interfaces answer (they send no tools)."""
+        async with aclosing(prepared.chunks) as stream:
+            chunks = [chunk async for chunk in stream]
+        last = chunks[-1]
+        assert last.finish_reason is not None
+        text = "".join(chunk.text for chunk in chunks)
+        return TextReply(text, last.finish_reason, usage(prepared.prompt_tokens, last.completion_tokens))
+
     async def stream(self, prepared: PreparedChat, include_usage: bool) -> AsyncIterator[str]:
-        """SSE events: a role chunk, content chunks, a finish chunk, an optional usage chunk, then [DONE].
+        """SSE events: a role chunk per choice, their content (or tool call) chunks as they come, a finish chunk
+        per choice, an optional usage chunk, then [DONE].
 
         A failure mid-stream is sent as an error event before [DONE], never as a silently cut connection.
         """
         frame = _ChunkFramer(prepared.model.name, include_usage)
-        yield frame.delta({"role": "assistant", "content": ""})
-        completion_tokens = 0
+        for builder in prepared.builders:
+            yield frame.choices([builder.first()])
+        completion_tokens = [0] * len(prepared.streams)
         try:
-            async with aclosing(prepared.chunks) as chunks:
-                async for chunk in chunks:
-                    completion_tokens = chunk.completion_tokens
-                    if chunk.text:
-                        yield frame.delta({"content": chunk.text})
-                    if chunk.finish_reason is not None:
-                        yield frame.delta({}, chunk.finish_reason)
+            async with aclosing(merged(prepared.streams)) as choices:
+                async for index, chunk in choices:
+                    completion_tokens[index] = chunk.completion_tokens
+                    for piece in prepared.builders[index].increment(chunk):
+                        yield frame.choices([piece])
             if include_usage:
-                yield frame.usage(usage(prepared.prompt_tokens, completion_tokens))
+                yield frame.usage(usage(prepared.prompt_tokens, sum(completion_tokens)))
         except Exception as exc:  # noqa: BLE001 - told to the client, then the stream ends properly
             error = stream_failure(exc)
             yield data_event(json.dumps(error_body(error.message, error.error_type, None, error.code)))
         yield DONE
 
 
-async def _started(model: ModelHandle, generate: GenerateRequest) -> AsyncGenerator[GenerationChunk, None]:
-    """Send the request and wait for its first increment, so that a refusal (the deployment's queue is full) or a
-    lost replica is raised while the answer can still be a status code, not an error event inside a 200 stream."""
-    response = model.handle.generate.remote(generate)
-    chunks = cast(AsyncIterator[GenerationChunk], response)
-    first = await anext(chunks)
+async def _started(
+    model: ModelHandle, generates: list[GenerateRequest]
+) -> list[AsyncGenerator[GenerationChunk, None]]:
+    """Send the requests (one per choice) and wait for each one's first increment, so that a refusal (the
+    deployment's queue is full) or a lost replica is raised while the answer can still be a status code, not an
+    error event inside a 200 stream. If one choice fails to start, the others are cancelled."""
+    # The handle streams (registry: `.options(stream=True)`): each call gives a response generator.
+    responses = [
+        cast(DeploymentResponseGenerator, model.handle.generate.remote(generate)) for generate in generates
+    ]
+    try:
+        firsts = await asyncio.gather(*(anext(response) for response in responses))
+    except BaseException:
+        for response in responses:
+            response.cancel()
+        raise
 
-    async def from_first() -> AsyncGenerator[GenerationChunk, None]:
+    async def from_first(
+        first: GenerationChunk, response: DeploymentResponseGenerator
+    ) -> AsyncGenerator[GenerationChunk, None]:
         try:
             yield first
-            async for chunk in chunks:
+            async for chunk in response:
                 yield chunk
         finally:
             # Closed before the last chunk (the client went away): stop the generation on the replica now, not
             # whenever this generator is garbage-collected; the engine then frees the sequence's slot.
             response.cancel()
 
-    return from_first()
+    return [from_first(first, response) for first, response in zip(firsts, responses)]
 
 
 class _ChunkFramer:
@@ -173,8 +225,8 @@ class _ChunkFramer:
         )
         return data_event(chunk.model_dump_json(exclude=None if self._include_usage else {"usage"}))
 
-    def delta(self, delta: dict[str, str], finish_reason: FinishReason | None = None) -> str:
-        return self._event([ChatCompletionChunkChoice(delta=delta, finish_reason=finish_reason)])
+    def choices(self, choices: list[ChatCompletionChunkChoice]) -> str:
+        return self._event(choices)
 
     def usage(self, usage_info: UsageInfo) -> str:
         return self._event([], usage_info)

@@ -40,18 +40,16 @@ class GlmApiService:
         return await self._chat.prepare(request.to_openai(), fit_to_window=True)
 
     async def complete(self, prepared: PreparedChat) -> GlmChatCompletion:
-        answer = await self._chat.complete(prepared)
-        choice = answer.choices[0]
+        reply = await self._chat.complete_text(prepared)
         return GlmChatCompletion(
-            model=answer.model,
-            created=answer.created,
+            model=prepared.model.name,
+            created=now(),
             choices=[
                 GlmChatChoice(
-                    message=AssistantMessage(content=choice.message.content.strip()),
-                    finish_reason=choice.finish_reason,
+                    message=AssistantMessage(content=reply.text.strip()), finish_reason=reply.finish_reason
                 )
             ],
-            usage=answer.usage,
+            usage=reply.usage,
         )
 
     async def stream(self, prepared: PreparedChat, increments: bool) -> AsyncIterator[str]:
@@ -86,7 +84,7 @@ class WebDemoService:
         return await self._chat.prepare(request.to_openai(), fit_to_window=True)
 
     async def complete(self, request: WebChatRequest, prepared: PreparedChat) -> WebChatResponse:
-        response = (await self._chat.complete(prepared)).choices[0].message.content
+        response = (await self._chat.complete_text(prepared)).text
         return WebChatResponse(
             query=request.query, response=response, history=request.history_after(response)
         )

@@ -1,0 +1,133 @@
+"""The tool-call parser and the streamed reply, in process, on the replies a model could write (hostile ones too).
+
+A reply is a call only if all of it is declared tools' names, each followed by JSON its schema accepts; anything
+else is the assistant's text. Nothing in a reply is ever run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from serve_app.protocol.openai_tools import ToolDefinition
+from serve_app.tools.parser import ToolCallParser, text_reply
+from serve_app.tools.streaming import ToolReplyStream, call_deltas
+from tests.tool_model import WEATHER_TOOLS
+
+TOOLS = [ToolDefinition.model_validate(tool) for tool in WEATHER_TOOLS]
+PARSER = ToolCallParser(TOOLS)
+PWNED = Path("/tmp/glm-serve-tools-pwned")
+
+VALID = [
+    ('get_weather\n{"city": "Paris"}', [("get_weather", {"city": "Paris"})]),
+    ('get_time\n{"timezone": "Asia/Tokyo"}\n', [("get_time", {"timezone": "Asia/Tokyo"})]),
+    (
+        'get_weather\n{"city": "Paris"}\nget_weather\n{"city": "Tokyo"}',
+        [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Tokyo"})],
+    ),
+    # Special tokens between two calls are dropped by decoding: the calls then follow each other directly.
+    (
+        'get_weather\n{"city": "A"}get_time\n{"timezone": "B"}',
+        [("get_weather", {"city": "A"}), ("get_time", {"timezone": "B"})],
+    ),
+]
+
+HOSTILE = {
+    "truncated JSON": 'get_weather\n{"city": "Par',
+    "unclosed object": 'get_weather\n{"city": "Paris"',
+    "unknown name": 'delete_everything\n{"path": "/"}',
+    "name prefix": 'get_weath\n{"city": "Paris"}',
+    "python literal dict": "get_weather\n{'city': 'Paris'}",
+    "python None": 'get_weather\n{"city": None}',
+    "python True": 'get_time\n{"timezone": True}',
+    "python call syntax": "get_weather\ndict(city='Paris')",
+    "chatglm3 tool_call": "get_weather\n```python\ntool_call(city='Paris')\n```",
+    "eval would run it": f'get_weather\n__import__("os").system("touch {PWNED}")',
+    "code inside the object": f'get_weather\n{{"city": __import__("os").system("touch {PWNED}")}}',
+    "NaN": 'get_weather\n{"city": NaN}',
+    "schema: missing required": 'get_weather\n{"town": "Paris"}',
+    "schema: extra property": 'get_weather\n{"city": "Paris", "rm": "-rf"}',
+    "schema: wrong type": 'get_weather\n{"city": 7}',
+    "arguments not an object": 'get_weather\n["Paris"]',
+    "trailing text": 'get_weather\n{"city": "Paris"} and then some',
+    "no newline after the name": 'get_weather {"city": "Paris"}',
+    "leading text": 'Sure! get_weather\n{"city": "Paris"}',
+    "plain text": "\nIt is sunny.",
+    "empty": "",
+    "a second call truncated": 'get_weather\n{"city": "Paris"}\nget_weather\n{"ci',
+}
+
+
+@pytest.mark.parametrize(("text", "expected"), VALID)
+def test_valid_calls_are_parsed(text: str, expected: list[tuple[str, dict[str, str]]]) -> None:
+    calls = PARSER.parse(text)
+    assert calls is not None
+    assert [(call.name, json.loads(call.arguments)) for call in calls] == expected
+
+
+@pytest.mark.parametrize("text", HOSTILE.values(), ids=HOSTILE.keys())
+def test_anything_else_is_text_and_never_runs(text: str) -> None:
+    PWNED.unlink(missing_ok=True)
+    assert PARSER.parse(text) is None
+    assert not PWNED.exists()
+
+
+def test_two_calls_without_parallel_calls_are_text() -> None:
+    assert ToolCallParser(TOOLS, parallel=False).parse(VALID[2][0]) is None
+    assert ToolCallParser(TOOLS, parallel=False).parse(VALID[0][0]) is not None
+
+
+def test_a_schema_jsonschema_cannot_read_still_needs_an_object() -> None:
+    odd = ToolDefinition.model_validate(
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "no-such-type"}}}
+    )
+    parser = ToolCallParser([odd])
+    assert parser.parse('f\n{"a": 1}') is not None
+    assert parser.parse("f\n[1]") is None
+
+
+def _streamed(pieces: list[str]) -> tuple[list[str], str, list[tuple[str, str]]]:
+    """What a stream sends per increment, what it sends at the end, and the calls as the SDK accumulates them."""
+    stream = ToolReplyStream(PARSER)
+    sent = [stream.feed(piece) for piece in pieces]
+    held, calls = stream.finish()
+    accumulated: dict[int, list[str]] = {}
+    ids: dict[int, str] = {}
+    for deltas in call_deltas(calls):
+        for delta in deltas:
+            if delta.id is not None:  # the first delta of a call: its id, type and name
+                assert delta.type == "function" and delta.function.name and delta.index not in ids
+                ids[delta.index] = delta.id
+                accumulated[delta.index] = [delta.function.name, ""]
+            accumulated[delta.index][1] += delta.function.arguments or ""
+    assert len(set(ids.values())) == len(ids)
+    return sent, held, [(name, arguments) for name, arguments in accumulated.values()]
+
+
+def test_stream_sends_text_at_once_without_the_leading_newline() -> None:
+    sent, held, calls = _streamed(["\nIt is", " sunny."])
+    assert sent == ["It is", " sunny."] and held == "" and calls == []
+
+
+def test_stream_holds_a_call_then_sends_it_as_deltas() -> None:
+    text = VALID[2][0]
+    sent, held, calls = _streamed([text[i : i + 5] for i in range(0, len(text), 5)])
+    assert all(piece == "" for piece in sent) and held == ""
+    assert [(name, json.loads(arguments)) for name, arguments in calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_weather", {"city": "Tokyo"}),
+    ]
+
+
+def test_stream_releases_text_once_it_cannot_be_a_call() -> None:
+    sent, held, calls = _streamed(["get_wea", "ther is nice", " today"])
+    assert sent == ["", "get_weather is nice", " today"] and held == "" and calls == []
+
+
+@pytest.mark.parametrize("text", HOSTILE.values(), ids=HOSTILE.keys())
+def test_stream_sends_hostile_replies_as_text(text: str) -> None:
+    sent, held, calls = _streamed([text[i : i + 3] for i in range(0, len(text), 3)])
+    assert calls == []
+    assert "".join(sent) + held == text_reply(text)
