@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -113,48 +114,49 @@ def test_a_seed_beyond_64_bits_is_served_not_raised(parts: tuple[Any, Any, list[
         engine.close()
 
 
-def test_a_client_that_leaves_leaves_the_batch_within_a_step(parts: tuple[Any, Any, list[int]]) -> None:
+@pytest.fixture
+def endless(parts: tuple[Any, Any, list[int]]) -> Iterator[ContinuousBatchingEngine]:
+    """An engine with no end tokens: a 1500-token request keeps its slot for all its steps."""
     model, tokenizer, _ = parts
     engine = ContinuousBatchingEngine(model, tokenizer, [], max_num_seqs=2, max_model_len=2048)
-    try:
-        long = request(tokenizer, 0, max_tokens=1500)
+    yield engine
+    engine.close()
 
-        async def leave_after_first_chunk() -> int:
-            stream = engine.stream(long)
-            await anext(stream)
-            running_then = engine.running_sequences
-            await stream.aclose()  # what Serve does when the HTTP client disconnects
-            return running_then
 
-        assert asyncio.run(leave_after_first_chunk()) == 1
-        _assert_consistent(engine)  # within 5 s; one decode step of the tiny model takes ~2 ms
-    finally:
-        engine.close()
+def test_a_client_that_leaves_leaves_the_batch_within_a_step(
+    parts: tuple[Any, Any, list[int]], endless: ContinuousBatchingEngine
+) -> None:
+    long = request(parts[1], 0, max_tokens=1500)
+
+    async def leave_after_first_chunk() -> int:
+        stream = endless.stream(long)
+        await anext(stream)
+        running_then = endless.running_sequences
+        await stream.aclose()  # what Serve does when the HTTP client disconnects
+        return running_then
+
+    assert asyncio.run(leave_after_first_chunk()) == 1
+    _assert_consistent(endless)  # within 5 s; one decode step of the tiny model takes ~2 ms
 
 
 def test_a_broken_engine_refuses_with_503_and_fails_its_health_check(
-    parts: tuple[Any, Any, list[int]],
+    parts: tuple[Any, Any, list[int]], endless: ContinuousBatchingEngine
 ) -> None:
-    model, tokenizer, _ = parts
-    engine = ContinuousBatchingEngine(model, tokenizer, [], max_num_seqs=2, max_model_len=2048)
-    try:
-        running = request(tokenizer, 0, max_tokens=1500)
+    running = request(parts[1], 0, max_tokens=1500)
 
-        async def break_under_a_stream() -> BaseException:
-            stream = engine.stream(running)
-            await anext(stream)
-            engine.break_for_tests()  # a KV slot that no row owns
-            with pytest.raises(ServiceUnavailable) as refused:
-                async for _ in stream:
-                    pass
-            return refused.value
+    async def break_under_a_stream() -> BaseException:
+        stream = endless.stream(running)
+        await anext(stream)
+        endless.break_for_tests()  # a KV slot that no row owns
+        with pytest.raises(ServiceUnavailable) as refused:
+            async for _ in stream:
+                pass
+        return refused.value
 
-        refusal = asyncio.run(break_under_a_stream())
-        assert (refusal.status_code, refusal.code) == (503, "replica_unavailable")
-        assert refusal.headers and int(refusal.headers["Retry-After"]) >= 1
-        with pytest.raises(RuntimeError, match="broken"):
-            engine.check_alive()
-        with pytest.raises(ServiceUnavailable):
-            run(engine, [request(tokenizer, 1)])
-    finally:
-        engine.close()
+    refusal = asyncio.run(break_under_a_stream())
+    assert (refusal.status_code, refusal.code) == (503, "replica_unavailable")
+    assert refusal.headers and int(refusal.headers["Retry-After"]) >= 1
+    with pytest.raises(RuntimeError, match="broken"):
+        endless.check_alive()
+    with pytest.raises(ServiceUnavailable):
+        run(endless, [request(parts[1], 1)])
