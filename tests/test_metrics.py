@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import openai
@@ -133,7 +134,7 @@ def _chat_limits() -> tuple[int, int]:
 
 
 def test_sequence_gauges_follow_the_running_batch_and_its_queue(
-    metrics_url: str, client: openai.OpenAI
+    metrics_url: str, client: openai.OpenAI, parts: Any
 ) -> None:
     max_num_seqs, max_ongoing = _chat_limits()
     # More streams than the batch has slots (and no more than the replica admits): the rest wait in the engine.
@@ -144,13 +145,14 @@ def test_sequence_gauges_follow_the_running_batch_and_its_queue(
 
     def long_stream(_: int) -> int:
         reply = patient.chat.completions.create(
-            # Greedy, "hi" runs to max_tokens: long enough (~5-10 s at 32 streams here) that the queue outlives
-            # several of Ray's metric reports (1 s apart in the tests).
+            # End tokens banned, so each runs to max_tokens: long enough (~5-10 s at 32 streams here) that the
+            # queue outlives several of Ray's metric reports (1 s apart in the tests).
             model=CHAT_MODEL,
             messages=[{"role": "user", "content": "hi"}],
             temperature=0,
             max_tokens=1024,
             stream=True,
+            logit_bias={str(token): -100 for token in parts[2]},
         )
         return sum(1 for _ in reply)
 

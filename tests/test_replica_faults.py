@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -54,14 +55,14 @@ def _assert_unavailable(response: httpx.Response, *codes: str) -> None:
     assert error["type"] == "server_error" and error["code"] in (codes or ("replica_unavailable",)), error
 
 
-def test_replica_killed_mid_stream_ends_with_error_then_done(http: httpx.Client) -> None:
-    # Greedy: this prompt then runs to max_tokens, so the stream is still going when the replica dies
-    # (sampling from the random weights may end it early with an end token).
+def test_replica_killed_mid_stream_ends_with_error_then_done(http: httpx.Client, parts: Any) -> None:
+    # End tokens banned: the stream runs to max_tokens, so it is still going when the replica dies.
     body = {
         "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 1500,
         "stream": True,
         "temperature": 0,
+        "logit_bias": {str(token): -100 for token in parts[2]},
     }
     events = []
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
