@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import ray
 from ray import serve
+from ray._private.utils import get_ray_address_file
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
@@ -203,6 +204,9 @@ def act_autoscaling(url: str, args: dict[str, Any]) -> dict[str, Any]:
 def main(port: int) -> None:
     for key, value in {**SERVE_ENV, "RAY_SERVE_SLOW_STARTUP_WARNING_S": str(SLOW_STARTUP_S)}.items():
         os.environ.setdefault(key, value)
+    # Cluster writes its address to Ray's default temp dir whatever temp_dir says, and fails on a machine where
+    # nothing has made that folder yet.
+    os.makedirs(get_ray_address_file(None).rsplit("/", 1)[0], exist_ok=True)
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
