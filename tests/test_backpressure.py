@@ -105,7 +105,9 @@ async def _burst_while_busy(url: str, end_ids: list[int]) -> list[tuple[bool, ht
         hold = _chat(stream=True, max_tokens=1900) | {"logit_bias": {str(token): -100 for token in end_ids}}
         async with client.stream("POST", "/v1/chat/completions", json=hold) as holding:
             assert holding.status_code == 200
-            await anext(holding.aiter_lines())  # generating: the replica's one slot is taken
+            # Kept: a line iterator that is garbage-collected closes the response, and so the hold.
+            held_lines = holding.aiter_lines()
+            await anext(held_lines)  # generating: the replica's one slot is taken
 
             async def send(path: str, body: dict[str, Any]) -> httpx.Response:
                 response = await client.post(path, json=body)
