@@ -473,6 +473,7 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
 
     from deployments.chat_engine.continuous import ContinuousBatchingEngine
     from deployments.model_files import end_token_ids
+    from serve_app.builder import parse_config
     from serve_app.profiles import CHAT_CPU_THREADS, cpu_demo_args
     from serve_app.protocol.engine import GenerateRequest, SamplingParams
 
@@ -482,9 +483,9 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompts = prompt_ids(tokenizer, make_messages(args.prompts, args.prompt_tokens))
     ends = end_token_ids(model.generation_config.eos_token_id, tokenizer)
-    chunk = cpu_demo_args(args.cache_dir)["chat_models"][0][
-        "prefill_chunk_tokens"
-    ]  # as the CPU profile's replica
+    # As the CPU profile's chat replica does, unless --prefill-chunk-tokens says otherwise.
+    profile = parse_config(cpu_demo_args(args.cache_dir)).chat_models[0]
+    chunk = args.prefill_chunk_tokens or profile.prefill_chunk_tokens
     engine = ContinuousBatchingEngine(model, tokenizer, ends, 32, model.config.max_position_embeddings, chunk)
     forward = {"s": 0.0, "calls": 0}
     original = model.forward
