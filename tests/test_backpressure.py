@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from serve_app.runtime import wait_until_healthy
+from tests.extra_app import extra_app
 
 APP = "backpressure"
 PREFIX = "/backpressure"
@@ -43,17 +43,8 @@ def _tiny_limits_args(tiny_glm_path: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def tiny_limits_url(base_url: str, tiny_glm_path: str) -> Iterator[str]:
-    from ray import serve
-
-    from serve_app.builder import bind_graph, parse_config
-
-    serve.run(bind_graph(parse_config(_tiny_limits_args(tiny_glm_path))), name=APP, route_prefix=PREFIX)
-    url = base_url + PREFIX
-    try:
-        wait_until_healthy(url, timeout_s=180)
+    with extra_app(base_url, APP, PREFIX, _tiny_limits_args(tiny_glm_path), healthy_within_s=180) as url:
         yield url
-    finally:
-        serve.delete(APP)
 
 
 @pytest.mark.parametrize("profile", ["serve_config.yaml", "cpu demo"])

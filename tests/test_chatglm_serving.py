@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from serve_app.chatglm.checkpoint import convert
-from serve_app.runtime import wait_until_healthy
 from tests.chatglm_fixtures import (
     CHATGLM3,
     chat_messages,
@@ -29,6 +28,7 @@ from tests.chatglm_fixtures import (
     require_fixtures,
     tokenizer_reference,
 )
+from tests.extra_app import extra_app
 
 APP = "chatglm"
 PREFIX = "/chatglm"
@@ -135,9 +135,6 @@ def conversion_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def chatglm_url(base_url: str, stopping: Stopping, conversion_cache: Path) -> Iterator[str]:
-    from ray import serve
-
-    from serve_app.builder import bind_graph, parse_config
     from serve_app.profiles import extra_chat_model
 
     actor = {"num_cpus": 0.1, "env_vars": {"GLM_SERVE_CACHE": str(conversion_cache)}}
@@ -153,13 +150,8 @@ def chatglm_url(base_url: str, stopping: Stopping, conversion_cache: Path) -> It
         "tokenizer": {"num_replicas": 1, "ray_actor_options": actor},
         "ingress": SMALL,
     }
-    serve.run(bind_graph(parse_config(args)), name=APP, route_prefix=PREFIX)
-    url = base_url + PREFIX
-    try:
-        wait_until_healthy(url, timeout_s=300)
+    with extra_app(base_url, APP, PREFIX, args, healthy_within_s=300) as url:
         yield url
-    finally:
-        serve.delete(APP)
 
 
 def test_chat_and_tokenizer_replicas_share_one_conversion_per_model(
