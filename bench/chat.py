@@ -4,6 +4,8 @@
     python bench/chat.py --no-peer        # skip `transformers serve`
     python bench/chat.py --only glm       # just glm-serve (repeatable: --only glm --only limit)
     python bench/chat.py --only glm --chat-threads 1   # glm-serve with 1 torch thread in the chat replica
+    python bench/chat.py --prompt-tokens 1000 --concurrency 16 --prefill-chunk-tokens 2048   # long prompts, whole
+                                            # prompts per prefill pass (the CPU profile's default: chunks of 256)
 
 All three run the LARGER tiny GLM (hidden 256, intermediate 512, 4 layers; random weights) from one model folder,
 on one fixed list of chat prompts (a short instruction plus one of bench/embeddings.py's sentences), greedy
