@@ -4,6 +4,9 @@
     python bench/embeddings.py --no-peer        # skip infinity-emb
     python bench/embeddings.py --only latency   # just the serving-path latency (quick, for tuning)
     python bench/embeddings.py --ray-defaults   # glm-serve with Ray's own defaults instead of SERVE_ENV's tuning
+    python bench/embeddings.py --only glm --concurrency 32 --hog 2   # the rated load with two busy loops beside:
+                                                # a machine about twice as slow must still answer only 200s
+    python bench/embeddings.py --env RAY_SERVE_ENABLE_HA_PROXY=0   # Serve's Python proxy in front, not HAProxy
 
 What it measures, all on one fixed set of sentences (deterministic, 8-40 words each):
   (a) limit: in-process SentenceTransformer(minilm_path()).encode at several batch sizes; the best is the limit.
@@ -14,7 +17,9 @@ What it measures, all on one fixed set of sentences (deterministic, 8-40 words e
   (d) serving-path latency: p50/p95 of ~200 sequential trivial requests (POST /detokenize [1]: proxy -> ingress
       -> tokenizer; GET /health; a one-word embedding).
 glm-serve and infinity run one at a time, each in its own subprocess (never together), and the load client
-runs in this process. Figures go to stdout and to bench/results/embeddings.json.
+runs in this process. A load level during which other processes used more than 20% of the CPU is measured again
+(3 tries); a figure still disturbed is shown as "busy", not reported. Non-200 answers are counted, not fatal.
+Figures go to stdout and to bench/results/embeddings.json.
 """
 
 from __future__ import annotations
@@ -30,11 +35,18 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import httpx
-from _server import interrupt_on_sigterm, stop_server  # the script's folder is on sys.path
+from _machine import (  # the script's folder is on sys.path
+    FOREIGN_MAX_PCT,
+    CpuWindow,
+    add_hog_option,
+    hog_until_closed,
+)
+from _server import interrupt_on_sigterm, stop_server
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -44,7 +56,8 @@ CHAT_MODEL = "tiny-glm"
 
 # Targets from the project brief.
 TARGET_VS_LIMIT = 0.9  # glm-serve at 32 clients >= 0.9x the in-process limit
-TARGET_VS_PEER = 1.0  # glm-serve at 32 clients >= 1.0x infinity at 32 clients
+# glm-serve at 32 clients >= these x infinity at 32 clients, by sentences per request.
+TARGET_VS_PEER = {8: 1.0, 1: 0.8}
 
 # Ray 2.60's own defaults for the settings serve_app.runtime.SERVE_ENV may tune: --ray-defaults puts these in the
 # server's environment first (start_serve only setdefault()s), to measure "before".
@@ -59,6 +72,9 @@ RAY_DEFAULTS = {
     "RAY_SERVE_ENABLE_PROXY_GC_OPTIMIZATIONS": "1",
     "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "100",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "30",
+    # Not in SERVE_ENV (start_serve chooses it): Serve's Python proxy in front, Ray's default.
+    "RAY_SERVE_ENABLE_HA_PROXY": "0",
 }
 
 
@@ -217,14 +233,23 @@ async def _load(
     next_chunk = iter(chunks)
     latencies: list[float] = []
 
+    refused: Counter[int] = Counter()
+    served = 0
+
     async def user(client: httpx.AsyncClient, work: Any) -> None:
+        nonlocal served
         for chunk in work:
             body = {"model": model, "input": chunk if per_request > 1 else chunk[0]}
             t0 = time.perf_counter()
             response = await client.post(url, json=body)
             latencies.append(time.perf_counter() - t0)
             if response.status_code != 200:
-                raise RuntimeError(f"{url}: {response.status_code} {response.text[:300]}")
+                # Counted, not fatal: a refusal at a load the server is rated for is a finding to report.
+                refused[response.status_code] += 1
+                if sum(refused.values()) <= 3:
+                    print(f"  {url}: {response.status_code} {response.text[:200]}", flush=True)
+                continue
+            served += len(chunk)
             data = response.json()["data"]
             if len(data) != len(chunk) or len(data[0]["embedding"]) != 384:
                 raise RuntimeError(f"{url}: wrong answer shape")
@@ -235,14 +260,17 @@ async def _load(
         warm = iter(chunks[: 2 * concurrency])
         await asyncio.gather(*(user(c, warm) for c in clients))
         latencies.clear()
+        refused.clear()
+        served = 0
         start = time.perf_counter()
         await asyncio.gather(*(user(c, next_chunk) for c in clients))
         elapsed = time.perf_counter() - start
     finally:
         await asyncio.gather(*(c.aclose() for c in clients))
     return {
-        "sentences_per_s": len(sentences) / elapsed,
+        "sentences_per_s": served / elapsed,  # answered with 200
         "requests_per_s": len(chunks) / elapsed,
+        "non_200": {str(status): count for status, count in refused.items()},
         "request_p50_ms": pct(latencies, 50) * 1000,
         "request_p95_ms": pct(latencies, 95) * 1000,
         "sentences": len(sentences),
@@ -259,24 +287,43 @@ def measure_load(
     per_request_sizes: list[int],
     concurrencies: list[int],
     c1_sentences: int,
+    attempts_max: int = 3,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for per_request in per_request_sizes:
         for concurrency in concurrencies:
             # One client sending one sentence at a time is slow; a prefix of the set is enough for it.
             subset = sentences[:c1_sentences] if concurrency == 1 else sentences
-            quiet = settle()
-            result = asyncio.run(_load(url, model, subset, per_request, concurrency))
-            result["cpu_busy_before_pct"] = quiet
-            key = f"c{concurrency}_per{per_request}"
-            out[key] = result
-            print(
-                f"  {label:<10} {concurrency:>2} clients x {per_request} sentence(s)/request: "
-                f"{result['sentences_per_s']:7.1f} sentences/s  "
-                f"(request p50 {result['request_p50_ms']:.1f} ms, p95 {result['request_p95_ms']:.1f} ms, "
-                f"{result['sentences']} sentences)",
-                flush=True,
-            )
+            attempts = []
+            for _ in range(attempts_max):
+                quiet = settle()
+                with CpuWindow() as cpu:
+                    result = asyncio.run(_load(url, model, subset, per_request, concurrency))
+                result.update(
+                    cpu_busy_before_pct=quiet, cpu_busy_pct=cpu.busy_pct, cpu_foreign_pct=cpu.foreign_pct
+                )
+                attempts.append(result)
+                disturbed = cpu.foreign_pct > FOREIGN_MAX_PCT
+                print(
+                    f"  {label:<10} {concurrency:>2} clients x {per_request} sentence(s)/request: "
+                    f"{result['sentences_per_s']:7.1f} sentences/s  "
+                    f"(request p50 {result['request_p50_ms']:.1f} ms, p95 {result['request_p95_ms']:.1f} ms, "
+                    f"{result['sentences']} sentences, cpu {cpu.busy_pct:.0f}%)"
+                    + (f"  NON-200: {result['non_200']}" if result["non_200"] else "")
+                    + (
+                        f"  [other processes used {cpu.foreign_pct:.0f}% of the CPU: not reported]"
+                        if disturbed
+                        else ""
+                    ),
+                    flush=True,
+                )
+                if not disturbed:
+                    break
+            # Figures of a machine that something else was using are not reported (the JSON keeps them).
+            best = min(attempts, key=lambda a: a["cpu_foreign_pct"])
+            best["disturbed"] = best["cpu_foreign_pct"] > FOREIGN_MAX_PCT
+            best["other_attempts"] = [a for a in attempts if a is not best]
+            out[f"c{concurrency}_per{per_request}"] = best
     return out
 
 
@@ -349,7 +396,7 @@ def serve_child(port: int, temp_dir: str) -> None:
 
 
 def start_glm_serve(port: int, env_overrides: dict[str, str], log_path: Path) -> subprocess.Popen:
-    from serve_app.runtime import SERVE_ENV
+    from serve_app.runtime import HA_PROXY, SERVE_ENV, haproxy_installed
 
     env = dict(os.environ)
     env.update(env_overrides)
@@ -357,6 +404,9 @@ def start_glm_serve(port: int, env_overrides: dict[str, str], log_path: Path) ->
     shutil.rmtree(temp_dir, ignore_errors=True)
     effective = {k: env.get(k, v) for k, v in SERVE_ENV.items()}
     effective.update({k: v for k, v in env_overrides.items() if k not in effective})
+    effective.setdefault(
+        HA_PROXY, "1" if haproxy_installed() else "0"
+    )  # the HTTP front start_serve will choose
     print(f"  starting glm-serve on :{port} (log {log_path}) with {effective}", flush=True)
     log = open(log_path, "w")  # noqa: SIM115
     return subprocess.Popen(
@@ -412,11 +462,20 @@ def fmt(value: float | None, spec: str = "7.1f") -> str:
     return format(value, spec) if value is not None else "-".rjust(7)
 
 
+def reported(level: dict[str, Any]) -> float | None:
+    """A level's sentences/s, none when other processes used the CPU while it was measured."""
+    return None if level.get("disturbed") else level.get("sentences_per_s")
+
+
 def print_table(results: dict[str, Any]) -> None:
     limit = (results.get("limit") or {}).get("sentences_per_s")
     glm = results.get("glm_serve", {}).get("load", {})
     peer = results.get("infinity", {}).get("load", {})
     print("\n=== Embeddings throughput, sentences/s (all-MiniLM-L6-v2, CPU) ===")
+    if results.get("cpu_hog"):
+        print(
+            f"  (with {results['cpu_hog']} busy loop(s) beside the servers: a machine about that much slower)"
+        )
     if limit:
         print(f"  in-process limit (batch {results['limit']['best_batch_size']}): {limit:.1f}")
     # infinity/limit: how close a one-process server gets to the limit with its clients on the same cores.
@@ -427,17 +486,28 @@ def print_table(results: dict[str, Any]) -> None:
         set(glm) | set(peer), key=lambda k: (int(k.split("_per")[1]), int(k[1:].split("_")[0]))
     ):
         concurrency, per = key[1:].split("_per")
-        g = glm.get(key, {}).get("sentences_per_s")
-        p = peer.get(key, {}).get("sentences_per_s")
+        g, p = reported(glm.get(key, {})), reported(peer.get(key, {}))
         label = f"{concurrency} client(s) x {per} sentence(s)/req"
+
+        def shown(level: dict[str, Any], value: float | None) -> str:
+            return "busy" if level.get("disturbed") else fmt(value)
+
+        refused = {
+            name: sum(table.get(key, {}).get("non_200", {}).values())
+            for name, table in (("glm-serve", glm), ("infinity", peer))
+            if key in table
+        }
         print(
-            f"  {label:<34}{fmt(g):>10}{fmt(p):>10}{fmt(ratio(g, limit), '9.2f'):>11}{fmt(ratio(g, p), '9.2f'):>14}"
-            f"{fmt(ratio(p, limit), '9.2f'):>16}"
+            f"  {label:<34}{shown(glm.get(key, {}), g):>10}{shown(peer.get(key, {}), p):>10}"
+            f"{fmt(ratio(g, limit), '9.2f'):>11}{fmt(ratio(g, p), '9.2f'):>14}{fmt(ratio(p, limit), '9.2f'):>16}"
+            f"   non-200: {refused}"
         )
     targets = results.get("targets", {})
     for name, t in targets.items():
         verdict = "-" if t["ratio"] is None else ("MET" if t["ratio"] >= t["target"] else "NOT MET")
         print(f"  target {name}: {fmt(t['ratio'], '.2f').strip()} (>= {t['target']}) {verdict}")
+    for name, refused in results.get("refusals at rated load", {}).items():
+        print(f"  target {name}: non-200 {refused or 0} (none) {'NOT MET' if refused else 'MET'}")
     for server in ("glm_serve", "infinity"):
         latency = results.get(server, {}).get("latency")
         if latency:
@@ -483,6 +553,7 @@ def main() -> int:
         help="run only these parts (repeatable); latency runs against glm-serve",
     )
     parser.add_argument("--no-peer", action="store_true", help="skip infinity-emb")
+    add_hog_option(parser)
     parser.add_argument("--port", type=int, default=28110, help="glm-serve's port (infinity uses port+1)")
     parser.add_argument(
         "--ray-defaults",
@@ -520,9 +591,9 @@ def main() -> int:
     words = [len(s.split()) for s in sentences]
     env_overrides: dict[str, str] = {}
     if args.ray_defaults:
-        from serve_app.runtime import SERVE_ENV
+        from serve_app.runtime import HA_PROXY, SERVE_ENV
 
-        env_overrides = {k: RAY_DEFAULTS[k] for k in SERVE_ENV if k in RAY_DEFAULTS}
+        env_overrides = {k: RAY_DEFAULTS[k] for k in [*SERVE_ENV, HA_PROXY] if k in RAY_DEFAULTS}
         unknown = [k for k in SERVE_ENV if k.startswith("RAY_SERVE_") and k not in RAY_DEFAULTS]
         if unknown:
             print(
@@ -553,6 +624,9 @@ def main() -> int:
         f"{results['machine']['busy_at_start']}",
         flush=True,
     )
+
+    hogs = hog_until_closed(args.hog)
+    results["cpu_hog"] = args.hog
 
     if "limit" in parts:
         print("\n(a) in-process limit", flush=True)
@@ -636,13 +710,14 @@ def main() -> int:
             finally:
                 stop_process(proc)
 
+    hogs.close()
     limit = (results.get("limit") or {}).get("sentences_per_s")
     glm32 = results.get("glm_serve", {}).get("load", {})
     peer32 = results.get("infinity", {}).get("load", {})
     results["targets"] = {}
     for per in per_request_sizes:
         key = f"c32_per{per}"
-        g = glm32.get(key, {}).get("sentences_per_s")
+        g = reported(glm32.get(key, {}))
         if limit:
             results["targets"][f"glm-serve 32 clients x{per} / limit"] = {
                 "ratio": ratio(g, limit),
@@ -650,9 +725,12 @@ def main() -> int:
             }
         if key in peer32:
             results["targets"][f"glm-serve 32 clients x{per} / infinity"] = {
-                "ratio": ratio(g, peer32[key]["sentences_per_s"]),
-                "target": TARGET_VS_PEER,
+                "ratio": ratio(g, reported(peer32[key])),
+                "target": TARGET_VS_PEER.get(per, 1.0),
             }
+        if key in glm32:
+            results["refusals at rated load"] = results.get("refusals at rated load", {})
+            results["refusals at rated load"][f"glm-serve 32 clients x{per}"] = glm32[key]["non_200"]
 
     print_table(results)
     output = Path(args.output)

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from ray import serve
 
@@ -24,7 +25,7 @@ from deployments.model_files import (
     resolve_dtype,
 )
 from deployments.model_health import poison_weights, require_finite
-from deployments.queue_deadline import QueueDeadline
+from deployments.queue_deadline import QueueDeadline, deadline_status
 from serve_app.config import ChatModelConfig
 from serve_app.metrics import ChatMetrics
 from serve_app.protocol.engine import GenerateRequest, GenerationChunk
@@ -88,13 +89,15 @@ class ChatDeployment:
             if last is not None:  # also when the client went away mid-stream: those tokens were computed
                 self._metrics.completion_tokens(last.completion_tokens)
 
-    def status(self) -> dict[str, int]:
+    def status(self) -> dict[str, Any]:
         """Answered for /health: the sequences this replica is generating (`running_sequences`, the batch),
-        those waiting for a place in it, and the streams open on it (those two plus streams relaying their end)."""
+        those waiting for a place in it, the streams open on it (those two plus streams relaying their end), and
+        the queue deadline as measured now (null before the first step)."""
         return {
             "running_sequences": self._engine.running_sequences,
             "waiting_sequences": self._engine.waiting_sequences,
             "open_streams": self._engine.open_streams,
+            **deadline_status(self._engine.queue_deadline),
         }
 
     async def check_health(self) -> None:

@@ -6,13 +6,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from ray import serve
 
 from deployments.model_files import resolve_device
 from deployments.model_health import poison_weights, require_finite
-from deployments.queue_deadline import QueueDeadline
+from deployments.queue_deadline import QueueDeadline, deadline_status
 from serve_app.config import EmbeddingModelConfig
 from serve_app.errors import ServiceUnavailable
 from serve_app.metrics import EmbeddingMetrics
@@ -93,7 +94,11 @@ class EmbeddingDeployment:
             # holds the GIL so much that the loop admits requests one at a time and batches stay at 1-2 requests;
             # blocking here lets every request that arrived meanwhile join the next batch (32 clients x 8
             # sentences: 120 -> 169 sentences/s, bench/embeddings.py). Health checks wait at most one batch.
+            started = time.perf_counter()
             vectors, counts = self._encode(texts)
+            # Per text, as a full batch would take: a few texts cost more each than a full batch's, so a quiet
+            # replica's first deadline errs long, never short.
+            self._deadline.observe((time.perf_counter() - started) * self._max_batch_texts / len(texts))
         answers: list[Embeddings | ServiceUnavailable] = []
         start = 0
         for part in parts:
@@ -133,5 +138,6 @@ class EmbeddingDeployment:
         logger.warning("embedding model weights poisoned on purpose (break_model_for_tests)")
         return poison_weights(self._model)
 
-    def status(self) -> dict[str, int]:
-        return {"dimensions": self.dimensions}
+    def status(self) -> dict[str, Any]:
+        """Answered for /health: the vectors' size and the queue deadline as measured now (null before a batch)."""
+        return {"dimensions": self.dimensions, **deadline_status(self._deadline)}

@@ -5,6 +5,13 @@ overload the requests a replica admitted would otherwise wait behind each other 
 server busy long after the load has gone; past the deadline a request is answered 503 + Retry-After, which the
 ingress still sends as a status code because nothing of the answer has gone out yet.
 
+The deadline is not a constant tuned on one machine: it is a number of batches (an embedding batch, a chat
+engine step) times the time a batch takes on this replica, as it measures it. On a machine twice as slow, or
+beside a busy neighbour, batches take twice as long and a request may wait twice as long: the load the server is
+rated for (a number of clients, that is, of batches to wait behind) is served, never refused, on any machine;
+what waits longer than that many batches is an overload. A floor (`min_wait_s`) keeps the deadline sane while the
+measure is still young, e.g. when a burst makes an idle replica's quick steps slow.
+
 The wait counts from the request's arrival at the ingress, so it covers the queue in front of the replica too.
 Wall-clock time, since the ingress and the replica may run on different machines (whose clocks NTP keeps
 within milliseconds of each other; deadlines are seconds).
@@ -12,30 +19,73 @@ within milliseconds of each other; deadlines are seconds).
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
 
 from serve_app.config import ChatModelConfig, EmbeddingModelConfig
 from serve_app.errors import ServiceUnavailable, overloaded
 
+# Weight of the newest batch in the running mean: it follows a change of pace within ~10 batches, and one odd
+# batch (a garbage collection, a long prompt's chunk) moves it by a tenth.
+_NEWEST_WEIGHT = 0.1
 
-@dataclass(frozen=True)
+
 class QueueDeadline:
-    max_wait_s: float | None = None  # None: wait as long as it takes
-    retry_after_s: float = 1.0
+    """`batches` x the measured seconds per batch, at least `min_wait_s`; `batches=None`: no deadline.
+
+    The replica reports each batch's duration (`observe`, from whichever thread runs its batches); until the
+    first one, nothing is refused: no request has waited behind a batch yet.
+    """
+
+    def __init__(self, batches: float | None = None, min_wait_s: float = 0.0, retry_after_s: float = 1.0) -> None:
+        self.batches = batches
+        self.min_wait_s = min_wait_s
+        self.retry_after_s = retry_after_s
+        self._batch_s: float | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def of(cls, model: ChatModelConfig | EmbeddingModelConfig) -> QueueDeadline:
         """A model's deadline, refused with the same Retry-After as its deployment's back-pressure."""
-        return cls(model.max_queue_wait_s, model.deployment.backpressure_config.retry_after_s)
+        retry_after_s = model.deployment.backpressure_config.retry_after_s
+        if model.queue_deadline is None:
+            return cls(retry_after_s=retry_after_s)
+        return cls(model.queue_deadline.batches, model.queue_deadline.min_wait_s, retry_after_s)
+
+    def observe(self, batch_s: float) -> None:
+        """One batch took `batch_s` seconds."""
+        if self.batches is None:
+            return
+        with self._lock:
+            previous = self._batch_s
+            self._batch_s = batch_s if previous is None else previous + _NEWEST_WEIGHT * (batch_s - previous)
+
+    @property
+    def batch_s(self) -> float | None:
+        """The measured seconds per batch (None before the first)."""
+        return self._batch_s
+
+    @property
+    def max_wait_s(self) -> float | None:
+        """How long a request may wait now; None: as long as it takes."""
+        if self.batches is None or self._batch_s is None:
+            return None
+        return max(self.min_wait_s, self.batches * self._batch_s)
 
     def refusal(self, received_at: float, now: float | None = None) -> ServiceUnavailable | None:
         """The error for a request received at `received_at` (time.time()) if it has waited too long, else None."""
-        if self.max_wait_s is None:
+        max_wait_s = self.max_wait_s
+        if max_wait_s is None:
             return None
-        if (now if now is not None else time.time()) - received_at <= self.max_wait_s:
+        if (now if now is not None else time.time()) - received_at <= max_wait_s:
             return None
         return overloaded(self.retry_after_s)
 
 
-NO_DEADLINE = QueueDeadline()
+def deadline_status(deadline: QueueDeadline) -> dict[str, float | None]:
+    """A replica's deadline for /health: how long a request may wait now and the batch time it comes from."""
+    max_wait_s, batch_s = deadline.max_wait_s, deadline.batch_s
+    return {
+        "queue_deadline_s": None if max_wait_s is None else round(max_wait_s, 3),
+        "batch_ms": None if batch_s is None else round(batch_s * 1000, 2),
+    }

@@ -114,10 +114,16 @@ DType = Literal["auto", "float32", "float16", "bfloat16"]
 CpuThreads = Annotated[int | None, Field(ge=1)]
 
 
-# Seconds a request may wait, from its arrival at the ingress, for a place in a batch of its model's replica;
-# later, it is refused with 503 + Retry-After (the deployment's backpressure_config.retry_after_s) rather than
-# served late. None: no deadline.
-QueueWait = Annotated[float | None, Field(gt=0, allow_inf_nan=False)]
+class QueueDeadlineOptions(_Strict):
+    """When a request still waiting for its turn in a model replica (counted from its arrival at the ingress) is
+    refused with 503 + Retry-After (the deployment's backpressure_config.retry_after_s) rather than served late:
+    after `batches` times the replica's measured time per batch (an embedding batch; a chat engine step: one
+    decode step of the running batch with at most one prefill chunk, or one token of the sequential engine), and
+    never before `min_wait_s`. Measured,
+    not fixed, so a rated load is served on a slower or busier machine too (deployments/queue_deadline.py)."""
+
+    batches: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    min_wait_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 2.0
 
 
 class ChatModelConfig(_Strict):
@@ -139,7 +145,10 @@ class ChatModelConfig(_Strict):
     prefill_chunk_tokens: Annotated[int, Field(ge=16)] = 2048
     # Streamed text is sent at most this often per stream (the first increment at once); 0 sends every token.
     stream_interval_ms: Annotated[float, Field(ge=0)] = 50.0
-    max_queue_wait_s: QueueWait = 30.0
+    # Steps: a waiting stream waits for a prefill chunk's turn, or, when every slot is taken, for the running
+    # stream nearest its end to finish. 1024 covers a full batch of 1,000-token prompts joining at once, or a wait
+    # behind 1,024-token streams (~30 s at 32 streams on 2 CPU cores, ~25 s on a GPU). None: no deadline.
+    queue_deadline: QueueDeadlineOptions | None = QueueDeadlineOptions(batches=1024)
     owned_by: str = "glm-serve"
     deployment: DeploymentOptions = DeploymentOptions(
         max_ongoing_requests=32, ray_actor_options=ActorOptions(num_gpus=1)
@@ -169,7 +178,10 @@ class EmbeddingModelConfig(_Strict):
     # 0: a batch starts at once. Under load batches still fill, from the requests that arrive while the previous
     # batch computes; waiting would only add latency to every request.
     batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.0
-    max_queue_wait_s: QueueWait = 30.0
+    # Batches of max_batch_size texts: 32 clients sending 8 texts each fill 4, and a request may wait behind
+    # 8 times that (batches form from what has reached the replica, often less than a full batch). None: no
+    # deadline.
+    queue_deadline: QueueDeadlineOptions | None = QueueDeadlineOptions(batches=32)
     owned_by: str = "glm-serve"
     deployment: DeploymentOptions = DeploymentOptions(max_ongoing_requests=64)
 

@@ -1,5 +1,9 @@
 """The embedded CPU profile: the tiny GLM and the packaged all-MiniLM-L6-v2, sized for a 2-core machine.
 
+Rated load: RATED_CLIENTS concurrent clients on each model route (chat streams of the tiny GLM; embedding
+requests of 1 or 8 sentences), all answered 200, also on a machine twice as slow (`bench/chat.py --hog 2`,
+`bench/embeddings.py --hog 2`). Beyond it the queues and deadlines refuse with 503 + Retry-After.
+
 Replicas ask for fractions of a CPU: at Ray's default of one CPU each, a 2-core machine never schedules the
 third replica and `serve.run` waits forever.
 """
@@ -16,6 +20,7 @@ from ray.serve import Application
 from serve_app.builder import bind_graph, parse_config
 from serve_app.tiny_glm import TinyGlmSpec, ensure_tiny_glm
 
+RATED_CLIENTS = 32
 CHAT_MODEL = "tiny-glm"
 # One thread: the decode loop shares 2 cores with the proxy and the ingress, and two torch threads then lose more
 # to contention than they gain (bench/chat.py: 16 streams ~1.9-3.0k vs ~1.6-2.2k tok/s through the server; the
@@ -56,7 +61,6 @@ def extra_chat_model(
         "device": "cpu",
         "max_num_seqs": max_num_seqs,
         "max_model_len": max_model_len,
-        "max_queue_wait_s": 30,
         "deployment": _cpu(num_cpus, max(8, max_num_seqs), 16),
     }
 
@@ -75,14 +79,14 @@ def cpu_demo_args(
                 "path": str(ensure_tiny_glm(cache_dir, spec or TinyGlmSpec())),
                 "device": "cpu",
                 "cpu_threads": CHAT_CPU_THREADS,
-                "max_num_seqs": 32,
+                "max_num_seqs": RATED_CLIENTS,
                 # A 1,000-token prompt joins in four chunks, so running streams wait ~one chunk, not the whole
                 # prompt, per token (bench/chat.py --prompt-tokens 1000).
                 "prefill_chunk_tokens": 256,
                 # A full batch and a few more in the replica (on 2 cores a 256-token stream takes ~3 s at 32): what
                 # is admitted is done within seconds, so the server is itself again soon after an overload
-                # (bench/overload.py). Waiting past 10 s (behind 1024-token streams): 503 + Retry-After.
-                "max_queue_wait_s": 10,
+                # (bench/overload.py). The queue deadline is the default's 1024 steps, as measured (~30 s here at
+                # 32 streams, twice that on a machine twice as slow): 503 + Retry-After past it.
                 # The ingress's queue also holds a burst while its router assigns it, one request at a time: with
                 # 8, 32 streams opened at once got 503s although the replica had room for 40 (bench/chat.py). 16
                 # holds that burst, and an overload still clears in ~1.3 s (bench/overload.py; with 32, ~4.5 s).
@@ -104,12 +108,13 @@ def cpu_demo_args(
                 # process, batches of 16 cost no more per text than batches of 32).
                 "forward_batch_size": 16,
                 # A request counts once here whatever its number of inputs, so the counts alone let 48 large
-                # requests wait ~100 s on 2 busy cores (bench/overload.py); the deadline (from the request's
-                # arrival at the ingress) bounds the wait instead. The ingress may hold as many as the replica: it
-                # learns that the replica has room only between batches (they run on its event loop), and with a
-                # queue of 16, 32 clients sending one sentence each got 503s (bench/embeddings.py).
-                "max_queue_wait_s": 5,
-                "deployment": _cpu(0.5, 32, 32),
+                # requests wait ~100 s on 2 busy cores (bench/overload.py); the queue deadline (the default's 32
+                # batches as measured, ~10 s here, from the request's arrival at the ingress) bounds the wait
+                # instead. A constant of 5 s refused 32 clients x 8 sentences on a machine 25% slower. The ingress
+                # may hold as many as the replica: it learns that the replica has room only between batches (they
+                # run on its event loop), and with a queue of 16, 32 clients sending one sentence each got 503s
+                # (bench/embeddings.py).
+                "deployment": _cpu(0.5, RATED_CLIENTS, RATED_CLIENTS),
             }
         ],
         "tokenizer": _cpu(0.1, 256, 256),

@@ -30,7 +30,7 @@ from ray.util.state import list_actors
 
 from serve_app.builder import bind_graph, parse_config
 from serve_app.profiles import CHAT_MODEL, EMBEDDING_MODEL, cpu_demo_args
-from serve_app.runtime import SERVE_ENV, wait_until_healthy
+from serve_app.runtime import HA_PROXY, SERVE_ENV, wait_until_healthy
 
 APP = "glm-serve"
 CHAT = f"Chat-{CHAT_MODEL}"
@@ -173,7 +173,7 @@ def act_autoscaling(url: str, args: dict[str, Any]) -> dict[str, Any]:
     # Three simulated nodes on a small machine are slow: here the load must wait for the replicas that scaling
     # adds, not be refused at the CPU profile's queue deadlines (which bench/overload.py exercises).
     for model in (*args["chat_models"], *args["embedding_models"]):
-        model["max_queue_wait_s"] = None
+        model["queue_deadline"] = None
     deploy(args)
     settled = wait(lambda: replicas(CHAT) == 1 and replicas(EMBEDDING) == 1, 120)
     chat_body = {
@@ -204,6 +204,9 @@ def act_autoscaling(url: str, args: dict[str, Any]) -> dict[str, Any]:
 def main(port: int) -> None:
     for key, value in {**SERVE_ENV, "RAY_SERVE_SLOW_STARTUP_WARNING_S": str(SLOW_STARTUP_S)}.items():
         os.environ.setdefault(key, value)
+    # Serve's Python proxies: the simulated nodes share one host, where each node's HAProxy would take the same
+    # ports (the HTTP port among them). A test session that runs behind HAProxy passes its choice down: override.
+    os.environ[HA_PROXY] = "0"
     # Cluster writes its address to Ray's default temp dir whatever temp_dir says, and fails on a machine where
     # nothing has made that folder yet.
     os.makedirs(get_ray_address_file(None).rsplit("/", 1)[0], exist_ok=True)

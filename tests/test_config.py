@@ -95,11 +95,22 @@ def test_the_chat_batch_must_fit_the_replica(serve_config: dict[str, Any]) -> No
         parse_config(args)
 
 
-@pytest.mark.parametrize("wait", [0, -1, "forever"])
-def test_a_queue_deadline_must_be_a_positive_number_of_seconds(
-    serve_config: dict[str, Any], wait: Any
+@pytest.mark.parametrize(
+    ("deadline", "field"),
+    [
+        ({"batches": 0}, "batches"),
+        ({"batches": -1}, "batches"),
+        ({"batches": "forever"}, "batches"),
+        ({"batches": float("inf")}, "batches"),
+        ({"batches": 8, "min_wait_s": -1}, "min_wait_s"),
+        ({"min_wait_s": 2}, "batches"),
+        ({"batches": 8, "max_wait_s": 5}, "max_wait_s"),
+    ],
+)
+def test_a_queue_deadline_is_a_positive_number_of_batches_and_a_floor_in_seconds(
+    serve_config: dict[str, Any], deadline: dict[str, Any], field: str
 ) -> None:
     args = _args(serve_config)
-    args["embedding_models"][0]["max_queue_wait_s"] = wait
-    with pytest.raises(ConfigError, match="max_queue_wait_s"):
+    args["embedding_models"][0]["queue_deadline"] = deadline
+    with pytest.raises(ConfigError, match=f"queue_deadline.*{field}"):
         parse_config(args)

@@ -87,7 +87,8 @@ def test_a_request_that_waits_past_the_queue_deadline_is_refused_and_the_running
     parts: tuple[Any, Any, list[int]], kind: str
 ) -> None:
     model, tokenizer, _ = parts
-    deadline = QueueDeadline(max_wait_s=0.05, retry_after_s=2)
+    # One step's time, at least 50 ms: the holder's steps are timed before the queued request is looked at.
+    deadline = QueueDeadline(batches=1, min_wait_s=0.05, retry_after_s=2)
     # No end tokens: the holder keeps the one slot for all its 1000 steps, whatever the random weights say.
     if kind == "continuous":
         engine: Any = ContinuousBatchingEngine(
@@ -112,6 +113,7 @@ def test_a_request_that_waits_past_the_queue_deadline_is_refused_and_the_running
         engine.close()
     assert (tokens, finish) == (1000, "length")
     assert (refusal.status_code, refusal.code, refusal.headers) == (503, "overloaded", {"Retry-After": "2"})
+    assert engine.queue_deadline is deadline and 0 < deadline.batch_s < 1  # type: ignore[operator]
     assert engine.open_streams == 0
 
 

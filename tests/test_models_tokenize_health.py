@@ -54,5 +54,27 @@ def test_health_is_ok_when_every_deployment_answers(http: httpx.Client) -> None:
         "embedding:all-MiniLM-L6-v2",
         "tokenizer",
     }
-    assert body["deployments"]["embedding:all-MiniLM-L6-v2"] == {"dimensions": 384}
+    assert body["deployments"]["embedding:all-MiniLM-L6-v2"]["dimensions"] == 384
     assert body["deployments"]["chat:tiny-glm"]["running_sequences"] >= 0
+
+
+def test_each_model_replica_derives_its_queue_deadline_from_the_batch_time_it_measures(
+    http: httpx.Client, client: openai.OpenAI
+) -> None:
+    from serve_app.config import ChatModelConfig, EmbeddingModelConfig
+
+    client.embeddings.create(model="all-MiniLM-L6-v2", input=["one sentence", "and another one"])
+    client.chat.completions.create(
+        model="tiny-glm", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0
+    )
+    deployments = http.get("/health").json()["deployments"]
+    for name, config in (
+        ("embedding:all-MiniLM-L6-v2", EmbeddingModelConfig),
+        ("chat:tiny-glm", ChatModelConfig),
+    ):
+        # The CPU profile keeps the defaults: a number of batches, and a floor in seconds.
+        default = config.model_fields["queue_deadline"].default
+        measured = deployments[name]
+        assert 0 < measured["batch_ms"] < 10_000, measured
+        expected = max(default.min_wait_s, default.batches * measured["batch_ms"] / 1000)
+        assert abs(measured["queue_deadline_s"] - expected) < 0.01 * expected, (name, measured)

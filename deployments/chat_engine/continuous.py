@@ -152,7 +152,8 @@ class ContinuousBatchingEngine(Engine):
         # The running sequences' previous token came at the end of the last step: the prefill of those joining
         # now stalls them, so it counts in their inter-token latency. Joiners' previous token comes at the end of
         # their prefill.
-        step_started = time.perf_counter() if self._running else 0.0
+        turn_started = time.perf_counter()
+        step_started = turn_started if self._running else 0.0
         self._admit()
         self._check_invariants()
         if self._metrics is not None:
@@ -161,6 +162,8 @@ class ContinuousBatchingEngine(Engine):
             if self._staged is None and not self._waiting:  # else the next turn has prefill work
                 self._wakeup.wait()
                 self._wakeup.clear()
+            else:
+                self.queue_deadline.observe(time.perf_counter() - turn_started)  # a prefill chunk's turn
             return
         step_started = step_started or time.perf_counter()
         try:
@@ -174,8 +177,10 @@ class ContinuousBatchingEngine(Engine):
             return
         self._failed_steps = 0
         self._check_invariants()
+        now = time.perf_counter()
+        self.queue_deadline.observe(now - turn_started)
         if self._metrics is not None:
-            self._metrics.inter_token(time.perf_counter() - step_started)
+            self._metrics.inter_token(now - step_started)
 
     def _check_invariants(self) -> None:
         """Row i of the batch is KV slot i, and nothing that finished still holds a slot."""
@@ -245,7 +250,7 @@ class ContinuousBatchingEngine(Engine):
         with self._lock:
             while self._waiting:
                 job = self._waiting[0]
-                late = self._queue_deadline.refusal(job.request.received_at, now)
+                late = self.queue_deadline.refusal(job.request.received_at, now)
                 if late is None and not job.cancelled.is_set():
                     return
                 self._waiting.popleft()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from deployments.chat_engine.sampling import RowSampler
 from deployments.chat_engine.sequence import Sequence
-from deployments.queue_deadline import NO_DEADLINE, QueueDeadline
+from deployments.queue_deadline import QueueDeadline
 from serve_app.errors import ServiceUnavailable
 from serve_app.protocol.engine import GenerateRequest, GenerationChunk, GenerationDefaults
 
@@ -47,7 +47,7 @@ class Engine:
     increment always goes out at once, so time to first token does not change.
 
     `metrics` records the engine's inter-token latency and sequence counts; None (no Ray replica) records nothing.
-    `queue_deadline` refuses a job that waited too long for its turn. `defaults` fill in the sampling fields a
+    `queue_deadline` refuses a job that waited too long for its turn (in engine steps, timed by the engine). `defaults` fill in the sampling fields a
     request left out (the model's generation_config). `retry_after_s` is what a refusal of a broken engine says.
     """
 
@@ -58,7 +58,7 @@ class Engine:
         end_token_ids: list[int],
         stream_interval_s: float = 0.0,
         metrics: ChatMetrics | None = None,
-        queue_deadline: QueueDeadline = NO_DEADLINE,
+        queue_deadline: QueueDeadline | None = None,
         defaults: GenerationDefaults = OPENAI_DEFAULTS,
     ) -> None:
         self._model = model
@@ -67,7 +67,8 @@ class Engine:
         self._jobs = JobCounter()
         self._stream_interval_s = stream_interval_s
         self._metrics = metrics
-        self._queue_deadline = queue_deadline
+        # The engine's own: it reports its step times to it.
+        self.queue_deadline = queue_deadline or QueueDeadline()
         self._defaults = defaults
         self._grammar_tokenizer: Any = None
         # Why the engine can no longer serve (set by its worker); then every request is refused and the health
@@ -106,7 +107,7 @@ class Engine:
             "The model replica serving this request is unhealthy and being replaced. Please retry after a short "
             "wait.",
             "replica_unavailable",
-            self._queue_deadline.retry_after_s,
+            self.queue_deadline.retry_after_s,
         )
 
     def new_sequence(self, job: Job, vocab_size: int) -> Sequence:

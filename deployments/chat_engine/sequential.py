@@ -87,7 +87,7 @@ class SequentialEngine(Engine):
     def _run(self, job: Job) -> None:
         if job.cancelled.is_set():
             return
-        if (late := self._queue_deadline.refusal(job.request.received_at)) is not None:
+        if (late := self.queue_deadline.refusal(job.request.received_at)) is not None:
             job.emit(late)
             return
         self._running = 1
@@ -97,11 +97,16 @@ class SequentialEngine(Engine):
         except Exception as exc:  # noqa: BLE001 - reported to the waiting request, never lost in the executor
             job.emit(exc)
         else:
+            started = time.perf_counter()
             try:
                 self._generate(sequence)
             except Exception as exc:  # noqa: BLE001 - likewise
                 if not sequence.done:
                     sequence.fail(exc)
+            else:
+                # A step is one token here: the deadline counts tokens generated ahead of a waiting request.
+                steps = max(1, sequence.completion_tokens)
+                self.queue_deadline.observe((time.perf_counter() - started) / steps)
         finally:
             self._running = 0
             self._report_sequences()

@@ -1,0 +1,129 @@
+"""How busy the machine is while a benchmark measures, and a deliberate CPU hog to measure a slower machine.
+
+Figures taken while something outside the benchmark used the CPU are not figures of ours: each benchmark level
+runs inside a `CpuWindow`, and one where other processes used more than a threshold (20% by default) is measured
+again or reported as disturbed. `cpu_hog(n)` starts n busy loops as children of the benchmark: their CPU counts as
+the benchmark's own (they are wanted), and on a 2-core machine two of them halve what the server gets, i.e. a
+machine about twice as slow, which is what a rated load must still be served on without refusals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+FOREIGN_MAX_PCT = 20.0
+
+
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, CPU ticks of it and its reaped children) for every process we can read."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        # utime + stime + cutime + cstime: a child that exited and was waited for counts in its parent.
+        table[int(entry)] = (int(fields[1]), sum(int(f) for f in fields[11:15]))
+    return table
+
+
+def descendants(ancestor: int, table: dict[int, tuple[int, int]] | None = None) -> set[int]:
+    """`ancestor` and every process below it."""
+    table = table if table is not None else _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    ours, stack = set(), [ancestor]
+    while stack:
+        pid = stack.pop()
+        ours.add(pid)
+        stack.extend(children.get(pid, []))
+    return ours
+
+
+def _our_ticks() -> int:
+    """CPU ticks used so far by this process and all its descendants (servers, Ray, the limit child, hogs)."""
+    table = _proc_table()
+    return sum(table.get(pid, (0, 0))[1] for pid in descendants(os.getpid(), table))
+
+
+def _machine_ticks() -> tuple[int, int]:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_probe_ms() -> float:
+    """Milliseconds for a fixed pure-Python loop (best of 3): a machine-speed check taken before each measurement.
+
+    The machine is a VM: its speed drifts by tens of percent with nothing of ours running, and this shows it."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        sum(i * i for i in range(300_000))
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000
+
+
+class CpuWindow:
+    """Busy % of the whole machine over a window, and the part of it that was not this benchmark."""
+
+    def __enter__(self) -> CpuWindow:  # noqa: PYI034
+        self._busy0, self._total0 = _machine_ticks()
+        self._ours0 = _our_ticks()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy1, total1 = _machine_ticks()
+        ours1 = _our_ticks()
+        total = max(1, total1 - self._total0)
+        self.busy_pct = 100.0 * (busy1 - self._busy0) / total
+        # Ticks of processes that exited inside the window are lost on both sides; clamp at 0.
+        self.foreign_pct = max(0.0, 100.0 * ((busy1 - self._busy0) - (ours1 - self._ours0)) / total)
+
+
+@contextmanager
+def cpu_hog(processes: int) -> Iterator[list[int]]:
+    """`processes` busy loops (children of this process) for the block; yields their PIDs. 0: none."""
+    # Each loop also ends on its own once its parent is gone, should the benchmark be killed outright.
+    loop = f"import os\nwhile os.getppid() == {os.getpid()}:\n    for _ in range(200_000): pass"
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", loop], stdin=subprocess.DEVNULL) for _ in range(processes)
+    ]
+    try:
+        yield [hog.pid for hog in hogs]
+    finally:
+        for hog in hogs:
+            hog.kill()
+        for hog in hogs:
+            hog.wait()
+
+
+def add_hog_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hog",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N busy loops beside everything measured (on 2 cores, 2 make a machine about twice as slow)",
+    )
+
+
+def hog_until_closed(processes: int) -> ExitStack:
+    """`cpu_hog(processes)` from now until the returned stack is closed, or the interpreter exits however the
+    benchmark ends (each loop also ends with this process)."""
+    hogs = ExitStack()
+    atexit.register(hogs.close)
+    hogs.enter_context(cpu_hog(processes))
+    return hogs
