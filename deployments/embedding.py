@@ -54,6 +54,7 @@ class EmbeddingDeployment:
         self._max_batch_texts = config.max_batch_size
         self._forward_batch_size = config.forward_batch_size
         self._deadline = QueueDeadline.of(config)
+        self._texts_waiting = 0  # in requests this replica holds that have not been answered
         self._metrics = EmbeddingMetrics(config.name)
         # The decorator's numbers are placeholders: the config's are set per replica here.
         self._embed_batch.set_max_batch_size(config.max_batch_size)  # type: ignore[attr-defined]
@@ -63,10 +64,21 @@ class EmbeddingDeployment:
 
     async def embed(self, texts: list[str], received_at: float | None = None) -> Embeddings:
         request = _Request(received_at if received_at is not None else time.time())
+        # Refused at once when the work already waiting here would take it past the deadline (fast 503s under
+        # overload, and a backlog no deeper than the deadline, so the server is itself again soon after).
+        if (
+            late := self._deadline.refusal(request.received_at, batches_ahead=self._batches_waiting())
+        ) is not None:
+            raise late
         size = self._max_batch_texts
         parts = [_Part(texts[start : start + size], request) for start in range(0, len(texts), size)]
         served: list[Embeddings] = []
-        for answer in await asyncio.gather(*(self._embed_batch(part) for part in parts)):
+        self._texts_waiting += len(texts)
+        try:
+            answers = await asyncio.gather(*(self._embed_batch(part) for part in parts))
+        finally:
+            self._texts_waiting -= len(texts)
+        for answer in answers:
             if not isinstance(answer, Embeddings):
                 raise answer
             served.append(answer)
@@ -94,11 +106,14 @@ class EmbeddingDeployment:
             # holds the GIL so much that the loop admits requests one at a time and batches stay at 1-2 requests;
             # blocking here lets every request that arrived meanwhile join the next batch (32 clients x 8
             # sentences: 120 -> 169 sentences/s, bench/embeddings.py). Health checks wait at most one batch.
+            queued_batches = self._batches_waiting() - len(texts) / self._max_batch_texts
             started = time.perf_counter()
             vectors, counts = self._encode(texts)
             # Per text, as a full batch would take: a few texts cost more each than a full batch's, so a quiet
             # replica's first deadline errs long, never short.
-            self._deadline.observe((time.perf_counter() - started) * self._max_batch_texts / len(texts))
+            self._deadline.observe(
+                (time.perf_counter() - started) * self._max_batch_texts / len(texts), queued_batches
+            )
         answers: list[Embeddings | ServiceUnavailable] = []
         start = 0
         for part in parts:
@@ -109,6 +124,9 @@ class EmbeddingDeployment:
             answers.append(Embeddings(vectors=vectors[start:end], token_counts=counts[start:end]))
             start = end
         return answers
+
+    def _batches_waiting(self) -> float:
+        return self._texts_waiting / self._max_batch_texts
 
     def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         features = self._model.tokenizer(

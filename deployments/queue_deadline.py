@@ -12,6 +12,14 @@ rated for (a number of clients, that is, of batches to wait behind) is served, n
 what waits longer than that many batches is an overload. A floor (`min_wait_s`) keeps the deadline sane while the
 measure is still young, e.g. when a burst makes an idle replica's quick steps slow.
 
+An overload slows the batches too (on a small machine its HTTP work takes the model's CPU), and a deadline that
+followed would let the overload's backlog wait ever longer: an embedding replica so measured under 10x load let
+requests wait 40 s and refused the normal load after it (bench/overload.py). So a replica that knows its queue
+says how deep it was (`queued_batches`), and a batch taken with more than half the deadline's batches waiting is
+not learnt from: the pace is learnt at loads the replica is rated for, also on a slower or busier machine. And a
+request that the work already waiting would carry past the deadline is refused on arrival (`batches_ahead`), in
+milliseconds rather than after waiting out the deadline, so the backlog never holds more than the deadline's worth.
+
 The wait counts from the request's arrival at the ingress, so it covers the queue in front of the replica too.
 Wall-clock time, since the ingress and the replica may run on different machines (whose clocks NTP keeps
 within milliseconds of each other; deadlines are seconds).
@@ -37,7 +45,9 @@ class QueueDeadline:
     first one, nothing is refused: no request has waited behind a batch yet.
     """
 
-    def __init__(self, batches: float | None = None, min_wait_s: float = 0.0, retry_after_s: float = 1.0) -> None:
+    def __init__(
+        self, batches: float | None = None, min_wait_s: float = 0.0, retry_after_s: float = 1.0
+    ) -> None:
         self.batches = batches
         self.min_wait_s = min_wait_s
         self.retry_after_s = retry_after_s
@@ -52,10 +62,12 @@ class QueueDeadline:
             return cls(retry_after_s=retry_after_s)
         return cls(model.queue_deadline.batches, model.queue_deadline.min_wait_s, retry_after_s)
 
-    def observe(self, batch_s: float) -> None:
-        """One batch took `batch_s` seconds."""
+    def observe(self, batch_s: float, queued_batches: float = 0.0) -> None:
+        """One batch took `batch_s` seconds, with `queued_batches` batches' worth of work waiting when it began."""
         if self.batches is None:
             return
+        if self._batch_s is not None and queued_batches > self.batches / 2:
+            return  # an overload's pace (the first batch is learnt whatever the load: there is nothing else yet)
         with self._lock:
             previous = self._batch_s
             self._batch_s = batch_s if previous is None else previous + _NEWEST_WEIGHT * (batch_s - previous)
@@ -72,12 +84,17 @@ class QueueDeadline:
             return None
         return max(self.min_wait_s, self.batches * self._batch_s)
 
-    def refusal(self, received_at: float, now: float | None = None) -> ServiceUnavailable | None:
-        """The error for a request received at `received_at` (time.time()) if it has waited too long, else None."""
-        max_wait_s = self.max_wait_s
-        if max_wait_s is None:
+    def refusal(
+        self, received_at: float, now: float | None = None, batches_ahead: float = 0.0
+    ) -> ServiceUnavailable | None:
+        """The error for a request received at `received_at` (time.time()) if it has waited too long, or, with
+        `batches_ahead` of work in front of it, would have by its turn; else None. Refused on arrival, a request
+        that could not be served in time costs its client milliseconds, not the deadline."""
+        max_wait_s, batch_s = self.max_wait_s, self._batch_s
+        if max_wait_s is None or batch_s is None:
             return None
-        if (now if now is not None else time.time()) - received_at <= max_wait_s:
+        waited = (now if now is not None else time.time()) - received_at
+        if waited + batches_ahead * batch_s <= max_wait_s:
             return None
         return overloaded(self.retry_after_s)
 

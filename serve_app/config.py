@@ -146,9 +146,10 @@ class ChatModelConfig(_Strict):
     # Streamed text is sent at most this often per stream (the first increment at once); 0 sends every token.
     stream_interval_ms: Annotated[float, Field(ge=0)] = 50.0
     # Steps: a waiting stream waits for a prefill chunk's turn, or, when every slot is taken, for the running
-    # stream nearest its end to finish. 1024 covers a full batch of 1,000-token prompts joining at once, or a wait
-    # behind 1,024-token streams (~30 s at 32 streams on 2 CPU cores, ~25 s on a GPU). None: no deadline.
-    queue_deadline: QueueDeadlineOptions | None = QueueDeadlineOptions(batches=1024)
+    # stream nearest its end to finish. 512 covers a full batch of 1,000-token prompts joining at once four times
+    # over, or a wait behind 512-token streams (~15 s at 32 streams on 2 CPU cores). Longer, an overload's backlog
+    # is served so late that the load after it waits too (bench/overload.py). None: no deadline.
+    queue_deadline: QueueDeadlineOptions | None = QueueDeadlineOptions(batches=512)
     owned_by: str = "glm-serve"
     deployment: DeploymentOptions = DeploymentOptions(
         max_ongoing_requests=32, ray_actor_options=ActorOptions(num_gpus=1)
@@ -178,10 +179,11 @@ class EmbeddingModelConfig(_Strict):
     # 0: a batch starts at once. Under load batches still fill, from the requests that arrive while the previous
     # batch computes; waiting would only add latency to every request.
     batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.0
-    # Batches of max_batch_size texts: 32 clients sending 8 texts each fill 4, and a request may wait behind
-    # 8 times that (batches form from what has reached the replica, often less than a full batch). None: no
-    # deadline.
-    queue_deadline: QueueDeadlineOptions | None = QueueDeadlineOptions(batches=32)
+    # Batches of max_batch_size texts: 32 clients sending 8 texts each fill 4, yet wait behind up to ~7 (batches
+    # form from what has reached the replica, often less than a full one; bench/embeddings.py, also with --hog 2).
+    # 12 serves that; under overload, waits longer than that are refused (bench/overload.py: with 32, requests
+    # waited up to 40 s and the load after the overload was refused). None: no deadline.
+    queue_deadline: QueueDeadlineOptions | None = QueueDeadlineOptions(batches=12)
     owned_by: str = "glm-serve"
     deployment: DeploymentOptions = DeploymentOptions(max_ongoing_requests=64)
 

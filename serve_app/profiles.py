@@ -85,7 +85,7 @@ def cpu_demo_args(
                 "prefill_chunk_tokens": 256,
                 # A full batch and a few more in the replica (on 2 cores a 256-token stream takes ~3 s at 32): what
                 # is admitted is done within seconds, so the server is itself again soon after an overload
-                # (bench/overload.py). The queue deadline is the default's 1024 steps, as measured (~30 s here at
+                # (bench/overload.py). The queue deadline is the default's 512 steps, as measured (~15 s here at
                 # 32 streams, twice that on a machine twice as slow): 503 + Retry-After past it.
                 # The ingress's queue also holds a burst while its router assigns it, one request at a time: with
                 # 8, 32 streams opened at once got 503s although the replica had room for 40 (bench/chat.py). 16
@@ -108,9 +108,9 @@ def cpu_demo_args(
                 # process, batches of 16 cost no more per text than batches of 32).
                 "forward_batch_size": 16,
                 # A request counts once here whatever its number of inputs, so the counts alone let 48 large
-                # requests wait ~100 s on 2 busy cores (bench/overload.py); the queue deadline (the default's 32
-                # batches as measured, ~10 s here, from the request's arrival at the ingress) bounds the wait
-                # instead. A constant of 5 s refused 32 clients x 8 sentences on a machine 25% slower. The ingress
+                # requests wait ~100 s on 2 busy cores (bench/overload.py); the queue deadline (the default's 12
+                # batches as measured: ~4-5 s on a quiet machine, ~18 s beside a chat load that saturates both
+                # cores; from the request's arrival at the ingress) bounds the wait instead. A constant of 5 s refused 32 clients x 8 sentences on a machine 25% slower. The ingress
                 # may hold as many as the replica: it learns that the replica has room only between batches (they
                 # run on its event loop), and with a queue of 16, 32 clients sending one sentence each got 503s
                 # (bench/embeddings.py).

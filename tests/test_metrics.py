@@ -139,19 +139,19 @@ def test_sequence_gauges_follow_the_running_batch_and_its_queue(
     max_num_seqs, max_ongoing = _chat_limits()
     # More streams than the batch has slots (and no more than the replica admits): the rest wait in the engine.
     streams = min(max_num_seqs + 16, max_ongoing)
-    # The waiting streams wait for the first ones to end, about 512 steps: half the queue deadline's 1024 (a slow
+    # The waiting streams wait for the first ones to end, about 256 steps: half the queue deadline's 512 (a slow
     # machine's steps are slower, and so is its deadline). Should one be refused anyway (503 + Retry-After), it is
     # sent again, as the SDK does by default.
     patient = client.with_options(max_retries=3)
 
     def long_stream(_: int) -> int:
         reply = patient.chat.completions.create(
-            # End tokens banned, so each runs to max_tokens: long enough (~3-5 s at 32 streams here) that the
+            # End tokens banned, so each runs to max_tokens: long enough (~2-4 s at 32 streams here) that the
             # queue outlives several of Ray's metric reports (1 s apart in the tests).
             model=CHAT_MODEL,
             messages=[{"role": "user", "content": "hi"}],
             temperature=0,
-            max_tokens=512,
+            max_tokens=256,
             stream=True,
             logit_bias={str(token): -100 for token in parts[2]},
         )

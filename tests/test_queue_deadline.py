@@ -62,3 +62,25 @@ def test_without_batches_there_is_no_deadline_whatever_is_measured() -> None:
     deadline.observe(0.5)
     assert deadline.max_wait_s is None and deadline.batch_s is None
     assert deadline.refusal(0.0, 1e9) is None
+
+
+def test_an_overloads_slow_batches_do_not_stretch_the_deadline_a_rated_load_taught() -> None:
+    deadline = _measured(0.1, batches=12)  # learnt with shallow queues
+    for _ in range(50):
+        deadline.observe(1.0, queued_batches=16)  # 16 batches waiting: more than half the deadline's 12
+    assert deadline.batch_s == pytest.approx(0.1)
+    for _ in range(50):
+        deadline.observe(0.2, queued_batches=6)  # a slower machine at its rated load: learnt
+    assert deadline.batch_s == pytest.approx(0.2, rel=0.01)
+
+
+def test_the_first_batch_is_learnt_whatever_the_queue() -> None:
+    deadline = QueueDeadline(batches=12, min_wait_s=0.5)
+    deadline.observe(1.0, queued_batches=100)
+    assert deadline.max_wait_s == pytest.approx(12.0)
+
+
+def test_a_request_that_would_wait_past_the_deadline_behind_the_work_ahead_is_refused_on_arrival() -> None:
+    deadline = _measured(0.1, batches=12)  # 1.2 s
+    assert deadline.refusal(received_at=0.0, now=0.2, batches_ahead=9) is None  # 0.2 + 0.9 s
+    assert deadline.refusal(received_at=0.0, now=0.2, batches_ahead=11) is not None  # 0.2 + 1.1 s
