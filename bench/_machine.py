@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 FOREIGN_MAX_PCT = 20.0
 
@@ -91,6 +92,19 @@ class CpuWindow:
         self.busy_pct = 100.0 * (busy1 - self._busy0) / total
         # Ticks of processes that exited inside the window are lost on both sides; clamp at 0.
         self.foreign_pct = max(0.0, 100.0 * ((busy1 - self._busy0) - (ours1 - self._ours0)) / total)
+
+
+def reported(level: dict[str, Any], figure: str) -> float | None:
+    """A measured level's figure, or None when other processes used the CPU while it was measured (`disturbed`):
+    such figures stay in the JSON, never in a table or a ratio."""
+    return None if level.get("disturbed") else level.get(figure)
+
+
+def hog_note(results: dict[str, Any]) -> str | None:
+    """The line a table starts with when the run had busy loops beside it."""
+    if not results.get("cpu_hog"):
+        return None
+    return f"  (with {results['cpu_hog']} busy loop(s) beside the servers: a machine about that much slower)"
 
 
 @contextmanager

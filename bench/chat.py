@@ -51,7 +51,15 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import CpuWindow, add_hog_option, cpu_probe_ms, descendants, hog_until_closed
+from _machine import (
+    CpuWindow,
+    add_hog_option,
+    cpu_probe_ms,
+    descendants,
+    hog_note,
+    hog_until_closed,
+    reported,
+)
 from _server import interrupt_on_sigterm, stop_server
 from embeddings import (
     CHAT_MODEL,
@@ -708,12 +716,9 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
     engine = results.get("engine", {}).get("load", {})
 
     def level(table: dict[str, Any], key: str, figure: str = "tokens_per_s") -> float | None:
-        """A reported figure: none for a level measured while other processes used the CPU."""
-        measured = table.get(key) or {}
-        return None if measured.get("disturbed") else measured.get(figure)
+        return reported(table.get(key) or {}, figure)
 
-    def tps(table: dict[str, Any], key: str) -> float | None:
-        return level(table, key)
+    tps = level
 
     out = {}
     if tps(glm, "c16") and tps(glm, "c1"):
@@ -753,10 +758,8 @@ def print_table(results: dict[str, Any]) -> None:
     print(
         f"\n=== Chat streaming, tiny GLM {BENCH_SPEC} (random weights), {results['max_tokens']} tokens max, CPU ==="
     )
-    if results.get("cpu_hog"):
-        print(
-            f"  (with {results['cpu_hog']} busy loop(s) beside the servers: a machine about that much slower)"
-        )
+    if note := hog_note(results):
+        print(note)
     # Per server: tokens/s, TTFT p50/p99 and the p99 gap between two text events, in ms; refusals; "busy" where
     # other processes used the CPU during every attempt (no figure is reported then).
     print(
@@ -775,16 +778,14 @@ def print_table(results: dict[str, Any]) -> None:
             f"{'-' if refused is None else refused:>7}"
         )
 
-    def reported(level: dict[str, Any]) -> float | None:
-        return None if level.get("disturbed") else level.get("tokens_per_s")
-
     keys = sorted(set(glm) | set(peer) | set(engine), key=lambda k: int(k[1:]))
     for key in keys:
         g, p, e = glm.get(key, {}), peer.get(key, {}), engine.get(key, {})
         print(
             f"  {key[1:]:>7} | {figures(g, 15)} | {figures(p, 10)} | "
-            f"{fmt(ratio(reported(g), reported(p)), '8.2f')} | "
-            f"{fmt(e.get('tokens_per_s'), '12.1f')} {fmt(ratio(reported(g), e.get('tokens_per_s')), '10.2f')}"
+            f"{fmt(ratio(reported(g, 'tokens_per_s'), reported(p, 'tokens_per_s')), '8.2f')} | "
+            f"{fmt(e.get('tokens_per_s'), '12.1f')} "
+            f"{fmt(ratio(reported(g, 'tokens_per_s'), e.get('tokens_per_s')), '10.2f')}"
         )
     for name, load in (("glm-serve", glm), ("peer", peer)):
         if load:

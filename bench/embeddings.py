@@ -44,7 +44,9 @@ from _machine import (  # the script's folder is on sys.path
     FOREIGN_MAX_PCT,
     CpuWindow,
     add_hog_option,
+    hog_note,
     hog_until_closed,
+    reported,
 )
 from _server import interrupt_on_sigterm, stop_server
 
@@ -404,9 +406,8 @@ def start_glm_serve(port: int, env_overrides: dict[str, str], log_path: Path) ->
     shutil.rmtree(temp_dir, ignore_errors=True)
     effective = {k: env.get(k, v) for k, v in SERVE_ENV.items()}
     effective.update({k: v for k, v in env_overrides.items() if k not in effective})
-    effective.setdefault(
-        HA_PROXY, "1" if haproxy_installed() else "0"
-    )  # the HTTP front start_serve will choose
+    # The HTTP front start_serve will choose.
+    effective.setdefault(HA_PROXY, "1" if haproxy_installed() else "0")
     print(f"  starting glm-serve on :{port} (log {log_path}) with {effective}", flush=True)
     log = open(log_path, "w")  # noqa: SIM115
     return subprocess.Popen(
@@ -462,43 +463,36 @@ def fmt(value: float | None, spec: str = "7.1f") -> str:
     return format(value, spec) if value is not None else "-".rjust(7)
 
 
-def reported(level: dict[str, Any]) -> float | None:
-    """A level's sentences/s, none when other processes used the CPU while it was measured."""
-    return None if level.get("disturbed") else level.get("sentences_per_s")
-
-
 def print_table(results: dict[str, Any]) -> None:
     limit = (results.get("limit") or {}).get("sentences_per_s")
     glm = results.get("glm_serve", {}).get("load", {})
     peer = results.get("infinity", {}).get("load", {})
     print("\n=== Embeddings throughput, sentences/s (all-MiniLM-L6-v2, CPU) ===")
-    if results.get("cpu_hog"):
-        print(
-            f"  (with {results['cpu_hog']} busy loop(s) beside the servers: a machine about that much slower)"
-        )
+    if note := hog_note(results):
+        print(note)
     if limit:
         print(f"  in-process limit (batch {results['limit']['best_batch_size']}): {limit:.1f}")
     # infinity/limit: how close a one-process server gets to the limit with its clients on the same cores.
     print(
         f"  {'load':<34}{'glm-serve':>10}{'infinity':>10}{'glm/limit':>11}{'glm/infinity':>14}{'infinity/limit':>16}"
     )
+
+    def shown(level: dict[str, Any]) -> str:
+        return "busy" if level.get("disturbed") else fmt(level.get("sentences_per_s"))
+
     for key in sorted(
         set(glm) | set(peer), key=lambda k: (int(k.split("_per")[1]), int(k[1:].split("_")[0]))
     ):
         concurrency, per = key[1:].split("_per")
-        g, p = reported(glm.get(key, {})), reported(peer.get(key, {}))
+        g, p = reported(glm.get(key, {}), "sentences_per_s"), reported(peer.get(key, {}), "sentences_per_s")
         label = f"{concurrency} client(s) x {per} sentence(s)/req"
-
-        def shown(level: dict[str, Any], value: float | None) -> str:
-            return "busy" if level.get("disturbed") else fmt(value)
-
         refused = {
             name: sum(table.get(key, {}).get("non_200", {}).values())
             for name, table in (("glm-serve", glm), ("infinity", peer))
             if key in table
         }
         print(
-            f"  {label:<34}{shown(glm.get(key, {}), g):>10}{shown(peer.get(key, {}), p):>10}"
+            f"  {label:<34}{shown(glm.get(key, {})):>10}{shown(peer.get(key, {})):>10}"
             f"{fmt(ratio(g, limit), '9.2f'):>11}{fmt(ratio(g, p), '9.2f'):>14}{fmt(ratio(p, limit), '9.2f'):>16}"
             f"   non-200: {refused}"
         )
@@ -717,7 +711,7 @@ def main() -> int:
     results["targets"] = {}
     for per in per_request_sizes:
         key = f"c32_per{per}"
-        g = reported(glm32.get(key, {}))
+        g = reported(glm32.get(key, {}), "sentences_per_s")
         if limit:
             results["targets"][f"glm-serve 32 clients x{per} / limit"] = {
                 "ratio": ratio(g, limit),
@@ -725,7 +719,7 @@ def main() -> int:
             }
         if key in peer32:
             results["targets"][f"glm-serve 32 clients x{per} / infinity"] = {
-                "ratio": ratio(g, reported(peer32[key])),
+                "ratio": ratio(g, reported(peer32[key], "sentences_per_s")),
                 "target": TARGET_VS_PEER.get(per, 1.0),
             }
         if key in glm32:

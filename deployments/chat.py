@@ -25,7 +25,7 @@ from deployments.model_files import (
     resolve_dtype,
 )
 from deployments.model_health import poison_weights, require_finite
-from deployments.queue_deadline import QueueDeadline, deadline_status
+from deployments.queue_deadline import QueueDeadline
 from serve_app.config import ChatModelConfig
 from serve_app.metrics import ChatMetrics
 from serve_app.protocol.engine import GenerateRequest, GenerationChunk
@@ -97,7 +97,7 @@ class ChatDeployment:
             "running_sequences": self._engine.running_sequences,
             "waiting_sequences": self._engine.waiting_sequences,
             "open_streams": self._engine.open_streams,
-            **deadline_status(self._engine.queue_deadline),
+            **self._engine.queue_deadline.status(),
         }
 
     async def check_health(self) -> None:

@@ -13,7 +13,7 @@ from ray import serve
 
 from deployments.model_files import resolve_device
 from deployments.model_health import poison_weights, require_finite
-from deployments.queue_deadline import QueueDeadline, deadline_status
+from deployments.queue_deadline import QueueDeadline
 from serve_app.config import EmbeddingModelConfig
 from serve_app.errors import ServiceUnavailable
 from serve_app.metrics import EmbeddingMetrics
@@ -66,9 +66,8 @@ class EmbeddingDeployment:
         request = _Request(received_at if received_at is not None else time.time())
         # Refused at once when the work already waiting here would take it past the deadline (fast 503s under
         # overload, and a backlog no deeper than the deadline, so the server is itself again soon after).
-        if (
-            late := self._deadline.refusal(request.received_at, batches_ahead=self._batches_waiting())
-        ) is not None:
+        late = self._deadline.refusal(request.received_at, batches_ahead=self._batches_waiting())
+        if late is not None:
             raise late
         size = self._max_batch_texts
         parts = [_Part(texts[start : start + size], request) for start in range(0, len(texts), size)]
@@ -158,4 +157,4 @@ class EmbeddingDeployment:
 
     def status(self) -> dict[str, Any]:
         """Answered for /health: the vectors' size and the queue deadline as measured now (null before a batch)."""
-        return {"dimensions": self.dimensions, **deadline_status(self._deadline)}
+        return {"dimensions": self.dimensions, **self._deadline.status()}

@@ -27,7 +27,6 @@ within milliseconds of each other; deadlines are seconds).
 
 from __future__ import annotations
 
-import threading
 import time
 
 from serve_app.config import ChatModelConfig, EmbeddingModelConfig
@@ -41,8 +40,8 @@ _NEWEST_WEIGHT = 0.1
 class QueueDeadline:
     """`batches` x the measured seconds per batch, at least `min_wait_s`; `batches=None`: no deadline.
 
-    The replica reports each batch's duration (`observe`, from whichever thread runs its batches); until the
-    first one, nothing is refused: no request has waited behind a batch yet.
+    The replica reports each batch's duration (`observe`, from the one thread or loop that runs its batches;
+    other threads only read); until the first one, nothing is refused: no request has waited behind a batch yet.
     """
 
     def __init__(
@@ -52,7 +51,6 @@ class QueueDeadline:
         self.min_wait_s = min_wait_s
         self.retry_after_s = retry_after_s
         self._batch_s: float | None = None
-        self._lock = threading.Lock()
 
     @classmethod
     def of(cls, model: ChatModelConfig | EmbeddingModelConfig) -> QueueDeadline:
@@ -68,9 +66,8 @@ class QueueDeadline:
             return
         if self._batch_s is not None and queued_batches > self.batches / 2:
             return  # an overload's pace (the first batch is learnt whatever the load: there is nothing else yet)
-        with self._lock:
-            previous = self._batch_s
-            self._batch_s = batch_s if previous is None else previous + _NEWEST_WEIGHT * (batch_s - previous)
+        previous = self._batch_s
+        self._batch_s = batch_s if previous is None else previous + _NEWEST_WEIGHT * (batch_s - previous)
 
     @property
     def batch_s(self) -> float | None:
@@ -98,11 +95,10 @@ class QueueDeadline:
             return None
         return overloaded(self.retry_after_s)
 
-
-def deadline_status(deadline: QueueDeadline) -> dict[str, float | None]:
-    """A replica's deadline for /health: how long a request may wait now and the batch time it comes from."""
-    max_wait_s, batch_s = deadline.max_wait_s, deadline.batch_s
-    return {
-        "queue_deadline_s": None if max_wait_s is None else round(max_wait_s, 3),
-        "batch_ms": None if batch_s is None else round(batch_s * 1000, 2),
-    }
+    def status(self) -> dict[str, float | None]:
+        """For /health: how long a request may wait now and the batch time it comes from."""
+        max_wait_s, batch_s = self.max_wait_s, self._batch_s
+        return {
+            "queue_deadline_s": None if max_wait_s is None else round(max_wait_s, 3),
+            "batch_ms": None if batch_s is None else round(batch_s * 1000, 2),
+        }

@@ -119,8 +119,8 @@ class QueueDeadlineOptions(_Strict):
     refused with 503 + Retry-After (the deployment's backpressure_config.retry_after_s) rather than served late:
     after `batches` times the replica's measured time per batch (an embedding batch; a chat engine step: one
     decode step of the running batch with at most one prefill chunk, or one token of the sequential engine), and
-    never before `min_wait_s`. Measured,
-    not fixed, so a rated load is served on a slower or busier machine too (deployments/queue_deadline.py)."""
+    never before `min_wait_s`. Measured, not fixed, so a rated load is served on a slower or busier machine too
+    (deployments/queue_deadline.py)."""
 
     batches: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     min_wait_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 2.0

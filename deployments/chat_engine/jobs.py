@@ -47,8 +47,9 @@ class Engine:
     increment always goes out at once, so time to first token does not change.
 
     `metrics` records the engine's inter-token latency and sequence counts; None (no Ray replica) records nothing.
-    `queue_deadline` refuses a job that waited too long for its turn (in engine steps, timed by the engine). `defaults` fill in the sampling fields a
-    request left out (the model's generation_config). `retry_after_s` is what a refusal of a broken engine says.
+    `queue_deadline` refuses a job that waited too long for its turn (in engine steps, timed by the engine).
+    `defaults` fill in the sampling fields a request left out (the model's generation_config). `retry_after_s` is
+    what a refusal of a broken engine says.
     """
 
     def __init__(
