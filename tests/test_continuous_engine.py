@@ -146,3 +146,30 @@ def test_prompts_prefilled_in_chunks_between_decode_steps_equal_generate(parts: 
         assert engine.running_sequences == 0 and engine.waiting_sequences == 0
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("engine_class", [ContinuousBatchingEngine, SequentialEngine])
+def test_a_stream_gets_its_first_increment_at_once_then_one_message_per_interval(
+    engine_class: Any, parts: Any
+) -> None:
+    """The engines' outbox: with an interval longer than the whole generation, a stream is sent two messages
+    (its first increment, then the rest with its end), with the same text as one message per token."""
+    model, tokenizer, ends = parts
+    options = {"max_num_seqs": 2, "max_model_len": 512} if engine_class is ContinuousBatchingEngine else {}
+    generate = request(tokenizer, 4, max_tokens=16)
+
+    async def messages(engine: Any) -> list[Any]:
+        return [chunk async for chunk in engine.stream(generate)]
+
+    sent: dict[float, list[Any]] = {}
+    for interval_s in (0.0, 60.0):
+        engine = engine_class(model, tokenizer, ends, stream_interval_s=interval_s, **options)
+        try:
+            sent[interval_s] = asyncio.run(messages(engine))
+        finally:
+            engine.close()
+    per_token, per_interval = sent[0.0], sent[60.0]
+    assert len(per_token) > 8 and len(per_interval) == 2
+    assert "".join(c.text for c in per_interval) == "".join(c.text for c in per_token)
+    assert per_interval[0] == per_token[0]  # the first increment is not held back
+    assert per_interval[-1].finish_reason == per_token[-1].finish_reason is not None

@@ -137,6 +137,8 @@ class ContinuousBatchingEngine(Engine):
                 except Exception as exc:  # a bug of ours: say so, stop serving, let Serve replace the replica
                     logger.exception("continuous-batching loop failed")
                     self._break(f"its loop failed: {exc!r}")
+                finally:
+                    self._outbox.flush()
 
     def _turn(self) -> None:
         if self._break_requested:
@@ -144,8 +146,7 @@ class ContinuousBatchingEngine(Engine):
             self._cache.add_sequence()  # a slot that no row owns
         if self.broken is not None:
             self._refuse_all()
-            self._wakeup.wait()
-            self._wakeup.clear()
+            self._idle()
             return
         self._drop_cancelled()
         self._refuse_late()
@@ -155,13 +156,13 @@ class ContinuousBatchingEngine(Engine):
         turn_started = time.perf_counter()
         step_started = turn_started if self._running else 0.0
         self._admit()
+        self._outbox.flush()  # the joiners' first tokens: before the decode step, not after it
         self._check_invariants()
         if self._metrics is not None:
             self._report_sequences(self._metrics)
         if not self._running:
             if self._staged is None and not self._waiting:  # else the next turn has prefill work
-                self._wakeup.wait()
-                self._wakeup.clear()
+                self._idle()
             else:
                 self.queue_deadline.observe(time.perf_counter() - turn_started)  # a prefill chunk's turn
             return
@@ -181,6 +182,12 @@ class ContinuousBatchingEngine(Engine):
         self.queue_deadline.observe(now - turn_started)
         if self._metrics is not None:
             self._metrics.inter_token(now - step_started)
+
+    def _idle(self) -> None:
+        """Wait for work (a job, a close); what the outbox holds goes out first."""
+        self._outbox.flush()
+        self._wakeup.wait()
+        self._wakeup.clear()
 
     def _check_invariants(self) -> None:
         """Row i of the batch is KV slot i, and nothing that finished still holds a slot."""

@@ -1,16 +1,18 @@
 """What every engine shares: a request's job, and the async side that relays its increments to the caller.
 
-Engines run the model on a worker thread and call `job.emit` from there; `JobStream` turns those emissions into
-an async iterator on the replica's event loop. When the consumer goes away (a client disconnect cancels the
-iterator), the job is marked cancelled and the engine drops it at its next step.
+Engines run the model on a worker thread and call `job.emit` from there; the engine's `Outbox` hands those
+emissions to the replica's event loop when the engine flushes it, and `relay` turns them into an async iterator.
+When the consumer goes away (a client disconnect cancels the iterator), the job is marked cancelled and the engine
+drops it at its next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from deployments.chat_engine.sampling import RowSampler
@@ -27,11 +29,78 @@ Emitted = GenerationChunk | BaseException
 OPENAI_DEFAULTS = GenerationDefaults()
 
 
-@dataclass
 class Job:
-    request: GenerateRequest
-    emit: Callable[[Emitted], None]
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    """One request on its way through an engine: what the worker emits goes to the outbox, which hands it to the
+    request's relay on its event loop."""
+
+    def __init__(self, request: GenerateRequest, outbox: Outbox, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self.cancelled = threading.Event()
+        self.queue: asyncio.Queue[Emitted] = asyncio.Queue()
+        self.loop = loop
+        self.next_send = 0.0  # the outbox's: when this stream may be sent its next increment
+        self._outbox = outbox
+
+    def emit(self, item: Emitted) -> None:
+        """From the engine's worker: an increment, the finishing chunk, or the error that ends the request."""
+        self._outbox.put(self, item)
+
+
+class Outbox:
+    """The worker's side of every stream. Increments are held per job and handed to the event loop in one call
+    per `flush` (the engine flushes once per turn): a call wakes the loop's thread, which competes with the worker
+    for the CPU and the GIL, so one wake-up per step beats one per token per stream. A stream is sent its held
+    text at most once per `interval_s`, but its first increment and its end at once: every message costs CPU in
+    three processes (replica, ingress, proxy), and one per token starves the model on a small machine, while
+    the time to first token does not change."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._held: dict[Job, Emitted] = {}
+        self._lock = threading.Lock()  # put and flush come from the worker, forget from the event loop
+
+    def put(self, job: Job, item: Emitted) -> None:
+        with self._lock:
+            held = self._held.get(job)
+            if held is None:
+                self._held[job] = item
+            elif (
+                isinstance(held, GenerationChunk) and held.finish_reason is None
+            ):  # nothing after an end counts
+                self._held[job] = _merge(held, item)
+
+    def flush(self) -> None:
+        """Hand every stream's due increments to its event loop: one call per loop."""
+        now = time.monotonic()
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Emitted]]] = {}
+        with self._lock:
+            for job, item in list(self._held.items()):
+                if _ends(item) or now >= job.next_send:
+                    del self._held[job]
+                    job.next_send = now + self._interval_s
+                    by_loop.setdefault(job.loop, []).append((job, item))
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, deliveries)
+            except RuntimeError:
+                # The worker must never fail for a consumer that is gone: a closed loop means nobody reads these
+                # jobs any more, so they are dropped like cancelled ones.
+                for job, _ in deliveries:
+                    job.cancelled.set()
+
+    def forget(self, job: Job) -> None:
+        """Drop what is held for a job whose consumer went away."""
+        with self._lock:
+            self._held.pop(job, None)
+
+
+def _ends(item: Emitted) -> bool:
+    return isinstance(item, BaseException) or item.finish_reason is not None
+
+
+def _deliver(deliveries: list[tuple[Job, Emitted]]) -> None:
+    for job, item in deliveries:
+        job.queue.put_nowait(item)
 
 
 class JobCounter:
@@ -42,9 +111,8 @@ class JobCounter:
 class Engine:
     """What the chat deployment sees of an engine; subclasses only say how a job reaches their worker.
 
-    `stream_interval_s` batches a stream's increments in time: every message costs CPU in three processes
-    (replica, ingress, proxy), so sending one per token starves the model on a small machine. The first
-    increment always goes out at once, so time to first token does not change.
+    `stream_interval_s` batches a stream's increments in time (`Outbox`); engines call `self._outbox.flush()`
+    after each forward pass.
 
     `metrics` records the engine's inter-token latency and sequence counts; None (no Ray replica) records nothing.
     `queue_deadline` refuses a job that waited too long for its turn (in engine steps, timed by the engine).
@@ -66,7 +134,7 @@ class Engine:
         self._tokenizer = tokenizer
         self._end_ids = frozenset(end_token_ids)
         self._jobs = JobCounter()
-        self._stream_interval_s = stream_interval_s
+        self._outbox = Outbox(stream_interval_s)
         self._metrics = metrics
         # The engine's own: it reports its step times to it.
         self.queue_deadline = queue_deadline or QueueDeadline()
@@ -92,7 +160,7 @@ class Engine:
 
     def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         request = replace(request, sampling=request.sampling.resolve(self._defaults))
-        return relay(self._submit_unless_broken, request, self._jobs, self._stream_interval_s)
+        return relay(self._submit_unless_broken, request, self._jobs, self._outbox)
 
     def _submit_unless_broken(self, job: Job) -> None:
         if self.broken is not None:
@@ -138,44 +206,26 @@ class Engine:
 
 
 async def relay(
-    submit: Callable[[Job], None], request: GenerateRequest, counter: JobCounter, interval_s: float = 0.0
+    submit: Callable[[Job], None], request: GenerateRequest, counter: JobCounter, outbox: Outbox
 ) -> AsyncIterator[GenerationChunk]:
-    """Submit a job and yield its chunks until the finishing one; a raised error is re-raised here.
-
-    After the first chunk, chunks that arrive within `interval_s` of the last one sent are merged into one.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Emitted] = asyncio.Queue()
-
-    def emit(item: Emitted) -> None:
-        # Called from the engine's worker, which must never fail for a consumer that is gone: a closed loop
-        # means nobody reads this job any more, so it is dropped like a cancelled one.
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:
-            job.cancelled.set()
-
-    job = Job(request, emit)
+    """Submit a job and yield its chunks until the finishing one; a raised error is re-raised here. Chunks that
+    piled up while the consumer was busy are merged into one."""
+    job = Job(request, outbox, asyncio.get_running_loop())
     counter.active += 1
     try:
         submit(job)
-        next_send = 0.0
         while True:
-            item = await queue.get()
-            wait = next_send - loop.time()
-            if wait > 0 and isinstance(item, GenerationChunk) and item.finish_reason is None:
-                await asyncio.sleep(wait)
-            # Merge what piled up while we were away: fewer, larger messages through Ray.
-            while not queue.empty() and isinstance(item, GenerationChunk) and item.finish_reason is None:
-                item = _merge(item, queue.get_nowait())
+            item = await job.queue.get()
+            while not job.queue.empty() and isinstance(item, GenerationChunk) and item.finish_reason is None:
+                item = _merge(item, job.queue.get_nowait())
             if isinstance(item, BaseException):
                 raise item
             yield item
             if item.finish_reason is not None:
                 return
-            next_send = loop.time() + interval_s
     finally:
         job.cancelled.set()
+        outbox.forget(job)
         counter.active -= 1
 
 

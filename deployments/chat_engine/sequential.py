@@ -10,6 +10,7 @@ of its own.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -34,9 +35,10 @@ class _SequenceChooses(LogitsProcessor):
     """Chooses each token with the sequence's own sampler and feeds it to the sequence (which emits its text),
     then forces `generate` (greedy) to take the same token."""
 
-    def __init__(self, sequence: Sequence, metrics: ChatMetrics | None) -> None:
+    def __init__(self, sequence: Sequence, metrics: ChatMetrics | None, flush: Callable[[], None]) -> None:
         self._sequence = sequence
         self._metrics = metrics
+        self._flush = flush
         self._last_token_at = 0.0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -49,6 +51,7 @@ class _SequenceChooses(LogitsProcessor):
                 self._metrics.inter_token(now - self._last_token_at)
             self._last_token_at = now
         self._sequence.accept(choice)
+        self._flush()
         forced = torch.full_like(scores, float("-inf"))
         forced[:, choice.token] = 0.0
         return forced
@@ -89,6 +92,7 @@ class SequentialEngine(Engine):
             return
         if (late := self.queue_deadline.refusal(job.request.received_at)) is not None:
             job.emit(late)
+            self._outbox.flush()
             return
         self._running = 1
         self._report_sequences()
@@ -109,6 +113,7 @@ class SequentialEngine(Engine):
                 self.queue_deadline.observe((time.perf_counter() - started) / steps)
         finally:
             self._running = 0
+            self._outbox.flush()
             self._report_sequences()
 
     def _report_sequences(self) -> None:
@@ -134,7 +139,9 @@ class SequentialEngine(Engine):
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 generation_config=config,
-                logits_processor=LogitsProcessorList([_SequenceChooses(sequence, self._metrics)]),
+                logits_processor=LogitsProcessorList(
+                    [_SequenceChooses(sequence, self._metrics, self._outbox.flush)]
+                ),
                 stopping_criteria=StoppingCriteriaList([_StopWhen(sequence)]),
             )
         if not sequence.done and not sequence.job.cancelled.is_set():
