@@ -7,6 +7,7 @@ whatever of its process tree or session is left. All by PID (psutil), never by n
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -49,3 +50,12 @@ def stop_server(proc: subprocess.Popen, timeout_s: float = 15) -> None:
 def interrupt_on_sigterm() -> None:
     """SIGTERM of a benchmark ends it like Ctrl-C: its `finally` blocks stop the servers it started."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def add_transport_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--handle-transport",
+        choices=["grpc", "ray"],
+        default=None,
+        help="how glm-serve's ingress calls its deployments (config handle_transport; default: the profile's, grpc)",
+    )

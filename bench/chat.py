@@ -60,7 +60,7 @@ from _machine import (
     hog_until_closed,
     reported,
 )
-from _server import interrupt_on_sigterm, stop_server
+from _server import add_transport_option, interrupt_on_sigterm, stop_server
 from embeddings import (
     CHAT_MODEL,
     RESULTS,
@@ -631,15 +631,17 @@ def measure_limit(args: argparse.Namespace) -> dict[str, Any]:
 # The servers
 
 
-def demo_app(cache_dir: str | None, chat_overrides: dict[str, Any]) -> Any:
+def demo_app(cache_dir: str | None, chat_overrides: dict[str, Any], transport: str | None) -> Any:
     """The demo profile with the benchmark model; `chat_overrides` change the chat model's config (--chat-threads
-    sets cpu_threads, --prefill-chunk-tokens prefill_chunk_tokens)."""
+    sets cpu_threads, --prefill-chunk-tokens prefill_chunk_tokens), `transport` its handle_transport."""
     from serve_app.builder import bind_graph, parse_config
     from serve_app.profiles import cpu_demo_args
     from serve_app.tiny_glm import TinyGlmSpec
 
     config = cpu_demo_args(cache_dir, TinyGlmSpec(**BENCH_SPEC))
     config["chat_models"][0].update(chat_overrides)
+    if transport:
+        config["handle_transport"] = transport
     return bind_graph(parse_config(config))
 
 
@@ -652,9 +654,10 @@ def chat_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def serve_child(port: int, temp_dir: str, cache_dir: str | None, overrides: dict[str, Any]) -> None:
+def serve_child(args: argparse.Namespace) -> None:
     """glm-serve's demo profile with the benchmark model, until SIGTERM."""
-    serve_until_sigterm(demo_app(cache_dir, overrides), port, temp_dir)
+    app = demo_app(args.cache_dir, chat_overrides(args), args.handle_transport)
+    serve_until_sigterm(app, args.port, args.temp_dir)
 
 
 def start_glm_serve(
@@ -663,7 +666,11 @@ def start_glm_serve(
     env = dict(os.environ, **env_overrides)
     temp_dir = f"/tmp/ray-bench-chat-{args.port}"
     shutil.rmtree(temp_dir, ignore_errors=True)
-    print(f"  starting glm-serve on :{args.port} (log {log_path}) env overrides {env_overrides}", flush=True)
+    print(
+        f"  starting glm-serve on :{args.port} (log {log_path}) env overrides {env_overrides}, handle_transport "
+        f"{args.handle_transport or 'grpc'}",
+        flush=True,
+    )
     command = [sys.executable, __file__, "--serve-child", "--port", str(args.port), "--temp-dir", temp_dir]
     if args.cache_dir:
         command += ["--cache-dir", args.cache_dir]
@@ -671,6 +678,8 @@ def start_glm_serve(
         command += ["--chat-threads", str(args.chat_threads)]
     if args.prefill_chunk_tokens:
         command += ["--prefill-chunk-tokens", str(args.prefill_chunk_tokens)]
+    if args.handle_transport:
+        command += ["--handle-transport", args.handle_transport]
     log = open(log_path, "w")  # noqa: SIM115
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -954,6 +963,7 @@ def main() -> int:
         help="torch threads of the chat replica and the engine part (default: the CPU profile's, 1)",
     )
     parser.add_argument("--output", default=str(RESULTS / "chat.json"))
+    add_transport_option(parser)
     parser.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--limit-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine-child", action="store_true", help=argparse.SUPPRESS)
@@ -961,7 +971,7 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.serve_child:
-        serve_child(args.port, args.temp_dir, args.cache_dir, chat_overrides(args))
+        serve_child(args)
         return 0
     interrupt_on_sigterm()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -997,6 +1007,7 @@ def main() -> int:
             f"c{c}": requests_for(c, args.rounds, args.c1_requests) for c in concurrencies
         },
         "glm_serve_env_overrides": env_overrides,
+        "glm_serve_handle_transport": args.handle_transport or "grpc",
     }
     print(
         f"model {folder}; {len(messages)} prompts; {args.max_tokens} tokens max; "

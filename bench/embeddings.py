@@ -48,7 +48,7 @@ from _machine import (  # the script's folder is on sys.path
     hog_until_closed,
     reported,
 )
-from _server import interrupt_on_sigterm, stop_server
+from _server import add_transport_option, interrupt_on_sigterm, stop_server
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -390,14 +390,19 @@ def serve_until_sigterm(app: Any, port: int, temp_dir: str) -> None:
         exit_at_once(0)
 
 
-def serve_child(port: int, temp_dir: str) -> None:
+def serve_child(port: int, temp_dir: str, transport: str | None) -> None:
     """glm-serve's demo profile on `port`, until SIGTERM."""
     from serve_app.profiles import build_demo_app
 
-    serve_until_sigterm(build_demo_app({"cache_dir": os.environ.get("GLM_SERVE_CACHE")}), port, temp_dir)
+    args = {"cache_dir": os.environ.get("GLM_SERVE_CACHE")}
+    if transport:
+        args["handle_transport"] = transport
+    serve_until_sigterm(build_demo_app(args), port, temp_dir)
 
 
-def start_glm_serve(port: int, env_overrides: dict[str, str], log_path: Path) -> subprocess.Popen:
+def start_glm_serve(
+    port: int, env_overrides: dict[str, str], log_path: Path, transport: str | None = None
+) -> subprocess.Popen:
     from serve_app.runtime import HA_PROXY, SERVE_ENV, haproxy_installed
 
     env = dict(os.environ)
@@ -408,10 +413,12 @@ def start_glm_serve(port: int, env_overrides: dict[str, str], log_path: Path) ->
     effective.update({k: v for k, v in env_overrides.items() if k not in effective})
     # The HTTP front start_serve will choose.
     effective.setdefault(HA_PROXY, "1" if haproxy_installed() else "0")
-    print(f"  starting glm-serve on :{port} (log {log_path}) with {effective}", flush=True)
+    transport_note = f", handle_transport {transport}" if transport else ""
+    print(f"  starting glm-serve on :{port} (log {log_path}) with {effective}{transport_note}", flush=True)
     log = open(log_path, "w")  # noqa: SIM115
+    command = [sys.executable, __file__, "--serve-child", "--port", str(port), "--temp-dir", temp_dir]
     return subprocess.Popen(
-        [sys.executable, __file__, "--serve-child", "--port", str(port), "--temp-dir", temp_dir],
+        command + (["--handle-transport", transport] if transport else []),
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -562,13 +569,14 @@ def main() -> int:
         help="extra environment for glm-serve's Ray processes (repeatable)",
     )
     parser.add_argument("--output", default=str(RESULTS / "embeddings.json"))
+    add_transport_option(parser)
     parser.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--temp-dir", help=argparse.SUPPRESS)
     parser.add_argument("--limit-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.serve_child:
-        serve_child(args.port, args.temp_dir)
+        serve_child(args.port, args.temp_dir, args.handle_transport)
         return 0
     interrupt_on_sigterm()
     if args.limit_child:
@@ -612,6 +620,7 @@ def main() -> int:
             "c1_count": min(args.c1_sentences, len(sentences)),
         },
         "glm_serve_env_overrides": env_overrides,
+        "glm_serve_handle_transport": args.handle_transport or "grpc",
     }
     print(
         f"{len(sentences)} sentences, {min(words)}-{max(words)} words (mean {statistics.fmean(words):.1f}); "
@@ -642,7 +651,9 @@ def main() -> int:
 
     if parts & {"glm", "latency"}:
         print("\n(b) glm-serve", flush=True)
-        proc = start_glm_serve(args.port, env_overrides, Path(f"/tmp/bench-glm-serve-{args.port}.log"))
+        proc = start_glm_serve(
+            args.port, env_overrides, Path(f"/tmp/bench-glm-serve-{args.port}.log"), args.handle_transport
+        )
         try:
             base = f"http://127.0.0.1:{args.port}"
             wait_http_ok(f"{base}/health", 300, proc)

@@ -65,5 +65,14 @@ def bind_ingress(
     served: list[ChatModelConfig | EmbeddingModelConfig] = [*config.chat_models, *config.embedding_models]
     cards = [ModelCard(id=m.name, created=created, owned_by=m.owned_by) for m in served]
     return _bind(
-        Ingress, "Ingress", config.ingress, chat, embeddings, tokenizer, cards, config.security, config.limits
+        Ingress,
+        "Ingress",
+        config.ingress,
+        chat,
+        embeddings,
+        tokenizer,
+        cards,
+        config.security,
+        config.limits,
+        config.handle_transport,
     )

@@ -127,11 +127,14 @@ def build_demo_app(args: dict[str, Any] | None = None) -> Application:
     """`serve run serve_app.profiles:build_demo_app`: the embedded default as a Serve app.
 
     args: `cache_dir` (where the tiny GLM is built), `tiny_glm` (TinyGlmSpec fields, e.g. a larger model
-    for benchmarks: {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4}) and `chat_models`
-    (paths of more chat models, served with `extra_chat_model`'s defaults).
+    for benchmarks: {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4}), `chat_models`
+    (paths of more chat models, served with `extra_chat_model`'s defaults) and `handle_transport` (the config key).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = args or {}
     spec = TinyGlmSpec(**args.get("tiny_glm", {}))
     extra = [extra_chat_model(path) for path in args.get("chat_models", [])]
-    return bind_graph(parse_config(cpu_demo_args(args.get("cache_dir"), spec, extra)))
+    config = cpu_demo_args(args.get("cache_dir"), spec, extra)
+    if "handle_transport" in args:
+        config["handle_transport"] = args["handle_transport"]
+    return bind_graph(parse_config(config))

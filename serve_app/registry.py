@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.config import HandleTransport
 from serve_app.errors import ModelNotFound
 from serve_app.protocol.openai import ModelCard
 
@@ -23,12 +24,17 @@ class ModelRegistry:
         embeddings: dict[str, DeploymentHandle],
         tokenizer: DeploymentHandle,
         cards: list[ModelCard],
+        transport: HandleTransport,
     ) -> None:
-        self._chat_unary = dict(chat)
+        by_reference = transport == "ray"
+        chat = {name: handle.options(_by_reference=by_reference) for name, handle in chat.items()}
+        self._chat_unary = chat
         # Generation streams; building these options once keeps them off the per-request path.
         self._chat = {name: handle.options(stream=True) for name, handle in chat.items()}
-        self._embeddings = dict(embeddings)
-        self.tokenizer = tokenizer
+        self._embeddings = {
+            name: handle.options(_by_reference=by_reference) for name, handle in embeddings.items()
+        }
+        self.tokenizer = tokenizer.options(_by_reference=by_reference)
         self.cards = list(cards)
 
     def chat(self, model: str | None) -> ModelHandle:
