@@ -57,5 +57,11 @@ def add_transport_option(parser: argparse.ArgumentParser) -> None:
         "--handle-transport",
         choices=["grpc", "ray"],
         default=None,
-        help="how glm-serve's ingress calls its deployments (config handle_transport; default: the profile's, grpc)",
+        help="how glm-serve's ingress calls every deployment (config handle_transport; default: the profile's, "
+        "chat and tokenizer grpc, embeddings ray)",
     )
+
+
+def every_kind(transport: str) -> dict[str, str]:
+    """The handle_transport config that calls every kind of deployment over `transport`."""
+    return {"chat": transport, "embeddings": transport, "tokenizer": transport}

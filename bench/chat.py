@@ -60,7 +60,7 @@ from _machine import (
     hog_until_closed,
     reported,
 )
-from _server import add_transport_option, interrupt_on_sigterm, stop_server
+from _server import add_transport_option, every_kind, interrupt_on_sigterm, stop_server
 from embeddings import (
     CHAT_MODEL,
     RESULTS,
@@ -641,7 +641,7 @@ def demo_app(cache_dir: str | None, chat_overrides: dict[str, Any], transport: s
     config = cpu_demo_args(cache_dir, TinyGlmSpec(**BENCH_SPEC))
     config["chat_models"][0].update(chat_overrides)
     if transport:
-        config["handle_transport"] = transport
+        config["handle_transport"] = every_kind(transport)
     return bind_graph(parse_config(config))
 
 
@@ -668,7 +668,7 @@ def start_glm_serve(
     shutil.rmtree(temp_dir, ignore_errors=True)
     print(
         f"  starting glm-serve on :{args.port} (log {log_path}) env overrides {env_overrides}, handle_transport "
-        f"{args.handle_transport or 'grpc'}",
+        f"{args.handle_transport or 'as the profile says'}",
         flush=True,
     )
     command = [sys.executable, __file__, "--serve-child", "--port", str(args.port), "--temp-dir", temp_dir]
@@ -1007,7 +1007,7 @@ def main() -> int:
             f"c{c}": requests_for(c, args.rounds, args.c1_requests) for c in concurrencies
         },
         "glm_serve_env_overrides": env_overrides,
-        "glm_serve_handle_transport": args.handle_transport or "grpc",
+        "glm_serve_handle_transport": args.handle_transport or "the profile's",
     }
     print(
         f"model {folder}; {len(messages)} prompts; {args.max_tokens} tokens max; "

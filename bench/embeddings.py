@@ -48,7 +48,7 @@ from _machine import (  # the script's folder is on sys.path
     hog_until_closed,
     reported,
 )
-from _server import add_transport_option, interrupt_on_sigterm, stop_server
+from _server import add_transport_option, every_kind, interrupt_on_sigterm, stop_server
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -396,7 +396,7 @@ def serve_child(port: int, temp_dir: str, transport: str | None) -> None:
 
     args = {"cache_dir": os.environ.get("GLM_SERVE_CACHE")}
     if transport:
-        args["handle_transport"] = transport
+        args["handle_transport"] = every_kind(transport)
     serve_until_sigterm(build_demo_app(args), port, temp_dir)
 
 
@@ -620,7 +620,7 @@ def main() -> int:
             "c1_count": min(args.c1_sentences, len(sentences)),
         },
         "glm_serve_env_overrides": env_overrides,
-        "glm_serve_handle_transport": args.handle_transport or "grpc",
+        "glm_serve_handle_transport": args.handle_transport or "the profile's",
     }
     print(
         f"{len(sentences)} sentences, {min(words)}-{max(words)} words (mean {statistics.fmean(words):.1f}); "

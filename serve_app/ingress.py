@@ -9,7 +9,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.app import create_app
-from serve_app.config import HandleTransport, LimitsConfig, SecurityConfig
+from serve_app.config import HandleTransports, LimitsConfig, SecurityConfig
 from serve_app.protocol.openai import ModelCard
 from serve_app.registry import ModelRegistry
 from serve_app.security import AccessPolicy
@@ -26,9 +26,9 @@ class Ingress:
         cards: list[ModelCard],
         security: SecurityConfig,
         limits: LimitsConfig,
-        transport: HandleTransport,
+        transports: HandleTransports,
     ) -> None:
-        self._registry = ModelRegistry(chat, embeddings, tokenizer, cards, transport)
+        self._registry = ModelRegistry(chat, embeddings, tokenizer, cards, transports)
         # Keys come from this replica's environment (e.g. a Kubernetes Secret); a required key that is missing
         # fails the replica here, so the deployment reports why instead of serving an open API.
         self._access = AccessPolicy.from_config(security, os.environ)

@@ -80,9 +80,12 @@ def cpu_demo_args(
                 "device": "cpu",
                 "cpu_threads": CHAT_CPU_THREADS,
                 "max_num_seqs": RATED_CLIENTS,
-                # A 1,000-token prompt joins in four chunks, so running streams wait ~one chunk, not the whole
-                # prompt, per token (bench/chat.py --prompt-tokens 1000).
-                "prefill_chunk_tokens": 256,
+                # A 1,000-token prompt joins in two chunks, so running streams wait ~one chunk, not the whole
+                # prompt, per token (bench/chat.py --prompt-tokens 1000 --concurrency 16: gap p99 153 ms; 439 ms
+                # with whole prompts). With 256, short prompts arriving together joined ~3 per step and waited
+                # ~65 ms for their turn: 512 takes twice as many per step (16 streams of ~50-token prompts: time
+                # to first token p50 ~110 vs ~150 ms, ~1.3x the tokens/s).
+                "prefill_chunk_tokens": 512,
                 # A full batch and a few more in the replica (on 2 cores a 256-token stream takes ~3 s at 32): what
                 # is admitted is done within seconds, so the server is itself again soon after an overload
                 # (bench/overload.py). The queue deadline is the default's 512 steps, as measured (~15 s here at

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.config import HandleTransport
+from serve_app.config import HandleTransport, HandleTransports
 from serve_app.errors import ModelNotFound
 from serve_app.protocol.openai import ModelCard
 
@@ -24,17 +24,14 @@ class ModelRegistry:
         embeddings: dict[str, DeploymentHandle],
         tokenizer: DeploymentHandle,
         cards: list[ModelCard],
-        transport: HandleTransport,
+        transports: HandleTransports,
     ) -> None:
-        by_reference = transport == "ray"
-        chat = {name: handle.options(_by_reference=by_reference) for name, handle in chat.items()}
+        chat = {name: _over(handle, transports.chat) for name, handle in chat.items()}
         self._chat_unary = chat
         # Generation streams; building these options once keeps them off the per-request path.
         self._chat = {name: handle.options(stream=True) for name, handle in chat.items()}
-        self._embeddings = {
-            name: handle.options(_by_reference=by_reference) for name, handle in embeddings.items()
-        }
-        self.tokenizer = tokenizer.options(_by_reference=by_reference)
+        self._embeddings = {name: _over(handle, transports.embeddings) for name, handle in embeddings.items()}
+        self.tokenizer = _over(tokenizer, transports.tokenizer)
         self.cards = list(cards)
 
     def chat(self, model: str | None) -> ModelHandle:
@@ -62,6 +59,11 @@ class ModelRegistry:
         named.update({f"embedding:{n}": h for n, h in self._embeddings.items()})
         named["tokenizer"] = self.tokenizer
         return named
+
+
+def _over(handle: DeploymentHandle, transport: HandleTransport) -> DeploymentHandle:
+    """The handle calling its deployment over `transport` (config.HandleTransports)."""
+    return handle.options(_by_reference=transport == "ray")
 
 
 def _lookup(handles: dict[str, DeploymentHandle], model: str | None, kind: str) -> ModelHandle:

@@ -58,7 +58,7 @@ def base_url(tiny_glm_path: str) -> Iterator[str]:
     # The demo profile, plus the tool-calling model the tool tests talk to (a tenth of a CPU).
     args = cpu_demo_args(extra_chat_models=[tool_model_args()])
     if os.environ.get("GLM_SERVE_FRONT_SUBRUN"):  # tests/test_http_fronts.py: the other serving path, whole
-        args["handle_transport"] = "ray"
+        args["handle_transport"] = {"chat": "ray", "embeddings": "grpc", "tokenizer": "ray"}
 
     # A private temp dir (short: Ray's socket paths must fit 107 bytes) keeps runs from meeting each other.
     ray_dir = tempfile.mkdtemp(prefix="ray-glm-", dir="/tmp")

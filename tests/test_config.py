@@ -71,14 +71,22 @@ def test_builder_binds_one_deployment_per_model(serve_config: dict[str, Any]) ->
         ),
         (lambda a: a.update(chat_model=a.pop("chat_models")), "chat_model"),
         (lambda a: a["chat_models"][0]["deployment"]["ray_actor_options"].update(num_gpu=1), "num_gpu"),
+        (lambda a: a["handle_transport"].update(embedding="grpc"), "handle_transport.embedding"),
+        (lambda a: a["handle_transport"].update(chat="http"), "handle_transport.chat"),
     ],
-    ids=["path", "deployment option", "top-level key", "actor option"],
+    ids=["path", "deployment option", "top-level key", "actor option", "transport kind", "transport"],
 )
 def test_a_misspelled_key_fails_naming_it(serve_config: dict[str, Any], mutate: Any, named: str) -> None:
     args = _args(serve_config)
     mutate(args)
     with pytest.raises(ConfigError, match=named):
         build_app(args)
+
+
+def test_the_cluster_profile_streams_chat_over_grpc_and_embeds_over_ray(serve_config: dict[str, Any]) -> None:
+    transports = parse_config(_args(serve_config)).handle_transport
+    assert (transports.chat, transports.embeddings, transports.tokenizer) == ("grpc", "ray", "grpc")
+    assert parse_config({**_args(serve_config), "handle_transport": {"chat": "ray"}}).handle_transport.chat == "ray"
 
 
 def test_duplicate_model_names_are_rejected(serve_config: dict[str, Any]) -> None:
