@@ -5,7 +5,7 @@
     python bench/chat.py --only glm       # just glm-serve (repeatable: --only glm --only limit)
     python bench/chat.py --only glm --chat-threads 1   # glm-serve with 1 torch thread in the chat replica
     python bench/chat.py --prompt-tokens 1000 --concurrency 16 --prefill-chunk-tokens 2048   # long prompts, whole
-                                            # prompts per prefill pass (the CPU profile's default: chunks of 256)
+                                            # prompts per prefill pass (the CPU profile's default: chunks of 512)
     python bench/chat.py --only glm --concurrency 32 --hog 2   # the rated load, two busy loops beside: a machine
                                             # about twice as slow must still answer only 200s
 
