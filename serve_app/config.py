@@ -264,7 +264,7 @@ class HandleTransports(_Strict):
     """How the ingress calls each kind of deployment. "grpc": the request and its stream go straight to the
     replica's own gRPC server (Serve's by-value handles), with no task submission or object store on the way.
     "ray": Ray actor calls (Serve's default). Measured on 2 cores (README "The serving path"): chat streams at 16
-    clients ~1.5x the tokens/s over "grpc"; 32 embedding clients ~1.4-1.5x the sentences/s over "ray", whose
+    clients ~1.05-1.2x the tokens/s over "grpc"; 32 embedding clients ~1.4-1.5x the sentences/s over "ray", whose
     C++ path costs less CPU per short unary call than gRPC's Python server; a lone tokenizer call ~3 ms faster
     over "grpc"."""
 

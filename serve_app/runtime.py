@@ -28,7 +28,8 @@ SERVE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     # Serving-path tuning, measured with bench/embeddings.py on 2 CPU cores (sequential POST /detokenize,
     # proxy -> ingress -> tokenizer; all four together: server CPU/request -30 to -50%, p50 ~8-9 ms -> ~5.5 ms).
-    # Proxy->replica and handle calls over Serve's direct gRPC instead of Ray actor calls + object refs: -20-25% CPU.
+    # Proxy->replica calls (Serve's proxy mode) over Serve's direct gRPC instead of Ray actor calls + object refs:
+    # -20-25% CPU. The ingress's own handles follow the config's handle_transport, which sets each one explicitly.
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     # Needed with gRPC: its 4 MiB default turned a 9.5 MB /v1/embeddings answer (2,000 inputs) into a 500.
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1),
