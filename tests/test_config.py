@@ -86,7 +86,10 @@ def test_a_misspelled_key_fails_naming_it(serve_config: dict[str, Any], mutate: 
 def test_the_cluster_profile_streams_chat_over_grpc_and_embeds_over_ray(serve_config: dict[str, Any]) -> None:
     transports = parse_config(_args(serve_config)).handle_transport
     assert (transports.chat, transports.embeddings, transports.tokenizer) == ("grpc", "ray", "grpc")
-    assert parse_config({**_args(serve_config), "handle_transport": {"chat": "ray"}}).handle_transport.chat == "ray"
+    assert (
+        parse_config({**_args(serve_config), "handle_transport": {"chat": "ray"}}).handle_transport.chat
+        == "ray"
+    )
 
 
 def test_duplicate_model_names_are_rejected(serve_config: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from deployments.chat_engine.sampling import RowSampler
 from deployments.chat_engine.sequence import Sequence
@@ -64,9 +64,7 @@ class Outbox:
             held = self._held.get(job)
             if held is None:
                 self._held[job] = item
-            elif (
-                isinstance(held, GenerationChunk) and held.finish_reason is None
-            ):  # nothing after an end counts
+            elif _continues(held):  # nothing after a stream's end counts
                 self._held[job] = _merge(held, item)
 
     def flush(self) -> None:
@@ -75,7 +73,7 @@ class Outbox:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Emitted]]] = {}
         with self._lock:
             for job, item in list(self._held.items()):
-                if _ends(item) or now >= job.next_send:
+                if not _continues(item) or now >= job.next_send:
                     del self._held[job]
                     job.next_send = now + self._interval_s
                     by_loop.setdefault(job.loop, []).append((job, item))
@@ -94,8 +92,9 @@ class Outbox:
             self._held.pop(job, None)
 
 
-def _ends(item: Emitted) -> bool:
-    return isinstance(item, BaseException) or item.finish_reason is not None
+def _continues(item: Emitted) -> TypeGuard[GenerationChunk]:
+    """An increment that more of its stream follows (not the finishing chunk, not an error)."""
+    return isinstance(item, GenerationChunk) and item.finish_reason is None
 
 
 def _deliver(deliveries: list[tuple[Job, Emitted]]) -> None:
@@ -216,7 +215,7 @@ async def relay(
         submit(job)
         while True:
             item = await job.queue.get()
-            while not job.queue.empty() and isinstance(item, GenerationChunk) and item.finish_reason is None:
+            while not job.queue.empty() and _continues(item):
                 item = _merge(item, job.queue.get_nowait())
             if isinstance(item, BaseException):
                 raise item

@@ -85,14 +85,19 @@ class SequentialEngine(Engine):
         return max(self.open_streams - self._running, 0)
 
     def _submit(self, job: Job) -> None:
-        self._executor.submit(self._run, job)
+        self._executor.submit(self._run_then_flush, job)
+
+    def _run_then_flush(self, job: Job) -> None:
+        try:
+            self._run(job)
+        finally:
+            self._outbox.flush()  # the job's end: its last chunk, its error or its refusal
 
     def _run(self, job: Job) -> None:
         if job.cancelled.is_set():
             return
         if (late := self.queue_deadline.refusal(job.request.received_at)) is not None:
             job.emit(late)
-            self._outbox.flush()
             return
         self._running = 1
         self._report_sequences()
@@ -113,7 +118,6 @@ class SequentialEngine(Engine):
                 self.queue_deadline.observe((time.perf_counter() - started) / steps)
         finally:
             self._running = 0
-            self._outbox.flush()
             self._report_sequences()
 
     def _report_sequences(self) -> None:
