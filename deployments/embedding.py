@@ -60,6 +60,10 @@ class EmbeddingDeployment:
         self._embed_batch.set_max_batch_size(config.max_batch_size)  # type: ignore[attr-defined]
         self._embed_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.dimensions = int(self._model.get_embedding_dimension() or 0)
+        # The first forward pass pays one-time costs (allocations, kernel choice: ~5x a warm pass here, more on a
+        # busy machine). Paid now, not by the first client, and not learnt as the replica's pace: its deadline
+        # would start several times too long and take dozens of batches to come back.
+        self._encode(["warm-up"])
         logger.info("embedding model %s loaded from %s (%d-d)", config.name, config.path, self.dimensions)
 
     async def embed(self, texts: list[str], received_at: float | None = None) -> Embeddings:
