@@ -75,4 +75,6 @@ def bind_ingress(
         config.security,
         config.limits,
         config.handle_transport,
+        list(config.chat_models),
+        config.ingress_render_max_chars,
     )

@@ -8,8 +8,9 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.tokenizer import ChatTokenizers
 from serve_app.app import create_app
-from serve_app.config import HandleTransports, LimitsConfig, SecurityConfig
+from serve_app.config import ChatModelConfig, HandleTransports, LimitsConfig, SecurityConfig
 from serve_app.protocol.openai import ModelCard
 from serve_app.registry import ModelRegistry
 from serve_app.security import AccessPolicy
@@ -27,8 +28,14 @@ class Ingress:
         security: SecurityConfig,
         limits: LimitsConfig,
         transports: HandleTransports,
+        chat_models: list[ChatModelConfig],
+        render_max_chars: int,
     ) -> None:
-        self._registry = ModelRegistry(chat, embeddings, tokenizer, cards, transports)
+        # Short conversations are rendered here, with the tokenizer deployment's own code (serving/prompts.py).
+        local = ChatTokenizers(chat_models) if render_max_chars > 0 else None
+        self._registry = ModelRegistry(
+            chat, embeddings, tokenizer, cards, transports, local, render_max_chars
+        )
         # Keys come from this replica's environment (e.g. a Kubernetes Secret); a required key that is missing
         # fails the replica here, so the deployment reports why instead of serving an open API.
         self._access = AccessPolicy.from_config(security, os.environ)

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentHandle
 
+from deployments.tokenizer import ChatTokenizers
 from serve_app.config import HandleTransport, HandleTransports
 from serve_app.errors import ModelNotFound
 from serve_app.protocol.openai import ModelCard
+from serve_app.serving.prompts import ChatPrompts
 
 
 @dataclass(frozen=True)
@@ -25,13 +27,17 @@ class ModelRegistry:
         tokenizer: DeploymentHandle,
         cards: list[ModelCard],
         transports: HandleTransports,
+        local_tokenizers: ChatTokenizers | None = None,
+        local_render_max_chars: int = 0,
     ) -> None:
+        """`local_tokenizers`: the ingress's own, which render conversations of up to `local_render_max_chars`."""
         chat = {name: _over(handle, transports.chat) for name, handle in chat.items()}
         self._chat_unary = chat
         # Generation streams; building these options once keeps them off the per-request path.
         self._chat = {name: handle.options(stream=True) for name, handle in chat.items()}
         self._embeddings = {name: _over(handle, transports.embeddings) for name, handle in embeddings.items()}
         self.tokenizer = _over(tokenizer, transports.tokenizer)
+        self.prompts = ChatPrompts(self.tokenizer, local_tokenizers, local_render_max_chars)
         self.cards = list(cards)
 
     def chat(self, model: str | None) -> ModelHandle:

@@ -59,6 +59,7 @@ def base_url(tiny_glm_path: str) -> Iterator[str]:
     args = cpu_demo_args(extra_chat_models=[tool_model_args()])
     if os.environ.get("GLM_SERVE_FRONT_SUBRUN"):  # tests/test_http_fronts.py: the other serving path, whole
         args["handle_transport"] = {"chat": "ray", "embeddings": "grpc", "tokenizer": "ray"}
+        args["ingress_render_max_chars"] = 0  # every chat prompt rendered by the tokenizer deployment
 
     # A private temp dir (short: Ray's socket paths must fit 107 bytes) keeps runs from meeting each other.
     ray_dir = tempfile.mkdtemp(prefix="ray-glm-", dir="/tmp")

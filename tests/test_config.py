@@ -73,8 +73,17 @@ def test_builder_binds_one_deployment_per_model(serve_config: dict[str, Any]) ->
         (lambda a: a["chat_models"][0]["deployment"]["ray_actor_options"].update(num_gpu=1), "num_gpu"),
         (lambda a: a["handle_transport"].update(embedding="grpc"), "handle_transport.embedding"),
         (lambda a: a["handle_transport"].update(chat="http"), "handle_transport.chat"),
+        (lambda a: a.update(ingress_render_max_chars=-1), "ingress_render_max_chars"),
     ],
-    ids=["path", "deployment option", "top-level key", "actor option", "transport kind", "transport"],
+    ids=[
+        "path",
+        "deployment option",
+        "top-level key",
+        "actor option",
+        "transport kind",
+        "transport",
+        "render size",
+    ],
 )
 def test_a_misspelled_key_fails_naming_it(serve_config: dict[str, Any], mutate: Any, named: str) -> None:
     args = _args(serve_config)

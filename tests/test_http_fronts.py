@@ -1,7 +1,8 @@
 """Both serving paths (README "The serving path"): the session is served behind HAProxy, the default of local
 starts when it is installed, with the default `handle_transport` (chat and tokenizer over gRPC, embeddings over
 Ray actor calls); the HTTP surface runs again behind Serve's Python proxy with every kind on the other transport
-(tests/conftest.py), in a pytest run of its own (the front is chosen when Ray starts, once per process)."""
+and every chat prompt rendered by the tokenizer deployment, not the ingress (tests/conftest.py), in a pytest run
+of its own (the front is chosen when Ray starts, once per process)."""
 
 from __future__ import annotations
 

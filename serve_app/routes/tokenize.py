@@ -15,7 +15,6 @@ from pydantic import Discriminator, Tag
 from serve_app.config import LimitsConfig
 from serve_app.errors import OPENAI_ERROR_RESPONSES, ServingRoute
 from serve_app.limits import check_chat_messages, check_prompt
-from serve_app.protocol.engine import ChatPrompt
 from serve_app.protocol.glm_api import GlmTokenizeRequest, GlmTokenizeResponse
 from serve_app.protocol.tokenize import (
     DetokenizeRequest,
@@ -67,9 +66,7 @@ async def tokenize(
     if request.messages is not None:
         messages = [m.for_template() for m in request.messages]
         check_chat_messages(limits, [m["content"] for m in messages])
-        prompt: ChatPrompt = await registry.tokenizer.render_chat.remote(
-            model, messages, request.add_generation_prompt
-        )
+        prompt = await registry.prompts.render(model, messages, request.add_generation_prompt)
     else:
         check_prompt(limits, request.prompt)
         prompt = await registry.tokenizer.encode.remote(model, request.prompt, request.add_special_tokens)

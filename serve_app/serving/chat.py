@@ -108,7 +108,7 @@ class ChatService:
             self._limits, request.requested_max_tokens, request.max_tokens_param, fit_to_window
         )
         grammar = reply_grammar(request)
-        prompt: ChatPrompt = await self._registry.tokenizer.render_chat.remote(
+        prompt = await self._registry.prompts.render(
             model.name, messages, tools=template_tools(request.prompt_tools)
         )
         max_tokens = completion_budget(prompt, requested, fit_to_window)
