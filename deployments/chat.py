@@ -114,7 +114,7 @@ class ChatDeployment:
             logits = self._model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self._device)).logits
         require_finite(logits, "the chat model's forward pass")
 
-    def break_model_for_tests(self) -> int:
+    def break_model_for_tests(self) -> dict[str, Any]:
         """Fault injection, reachable only through a Serve handle (never over HTTP): NaN weights, as a corrupted
         model has. Generation then produces garbage and `check_health` fails until Serve replaces the replica."""
         logger.warning("chat model weights poisoned on purpose (break_model_for_tests)")

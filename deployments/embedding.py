@@ -153,7 +153,7 @@ class EmbeddingDeployment:
         vectors, _ = self._encode(["health check"])
         require_finite(vectors, "the embedding model's forward pass")
 
-    def break_model_for_tests(self) -> int:
+    def break_model_for_tests(self) -> dict[str, Any]:
         """Fault injection, reachable only through a Serve handle (never over HTTP): NaN weights, as a corrupted
         model has; `check_health` then fails until Serve replaces the replica."""
         logger.warning("embedding model weights poisoned on purpose (break_model_for_tests)")

@@ -20,10 +20,12 @@ def require_finite(values: Any, what: str) -> None:
         raise RuntimeError(f"{what} gave non-finite values: the model is broken")
 
 
-def poison_weights(model: Any) -> int:
+def poison_weights(model: Any) -> dict[str, Any]:
     """Overwrite every floating-point weight with NaN: a real fault, for the tests that check a broken model is
-    detected and its replica replaced. Returns how many tensors were poisoned."""
+    detected and its replica replaced. Returns which replica this is (Serve's id, the end of its actor's name: a
+    test breaking every replica of a deployment calls until it has seen each) and how many tensors were poisoned."""
     import torch
+    from ray import serve
 
     poisoned = 0
     with torch.no_grad():
@@ -31,4 +33,4 @@ def poison_weights(model: Any) -> int:
             if parameter.is_floating_point():
                 parameter.fill_(float("nan"))
                 poisoned += 1
-    return poisoned
+    return {"replica": serve.get_replica_context().replica_id.unique_id, "tensors": poisoned}

@@ -27,11 +27,15 @@ CHAT_MODEL = "tiny-glm"
 # engine alone, ~4.5-4.8k vs ~2.6-2.9k).
 CHAT_CPU_THREADS = 1
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+EMBEDDING_REPLICAS = 2
+EMBEDDING_CPU_THREADS = max(1, (os.cpu_count() or 2) // EMBEDDING_REPLICAS)
 
 
-def _cpu(num_cpus: float, max_ongoing_requests: int, max_queued_requests: int) -> dict[str, Any]:
+def _cpu(
+    num_cpus: float, max_ongoing_requests: int, max_queued_requests: int, replicas: int = 1
+) -> dict[str, Any]:
     return {
-        "num_replicas": 1,
+        "num_replicas": replicas,
         "max_ongoing_requests": max_ongoing_requests,
         # Beyond this many waiting in front of the replica, a request is answered 503 + Retry-After at once.
         "max_queued_requests": max_queued_requests,
@@ -103,7 +107,14 @@ def cpu_demo_args(
                 "name": EMBEDDING_MODEL,
                 "path": minilm_path(),
                 "device": "cpu",
-                "cpu_threads": os.cpu_count(),
+                # Two replicas of one thread each (on 2 cores; half the cores each on larger machines), not one of
+                # two threads: a two-thread forward pass waits at every step for its slower thread, and beside the
+                # ingress, the load clients or a chat load, one of them is always descheduled. Measured
+                # alternately, 2 runs per arm (bench/embeddings.py --concurrency 32; bench/overload.py --quick):
+                # 32 clients x 8 sentences 192 / 198 vs 170 / 169 sentences/s, 32 x 1 96 / 88 vs 67 / 83; beside
+                # a chat load 4.3 vs 1.8 embedding requests/s, p50 0.9 vs 2.3 s; after a 10x overload the first
+                # 200 came 1.7 s after the stop instead of ~16 s.
+                "cpu_threads": EMBEDDING_CPU_THREADS,
                 # Texts per batch. Batches run on the replica's event loop, so smaller ones let it
                 # take, refuse and route requests more often: under overload, embedding 200s p50 3.9 s vs 6.1 s at
                 # 256, and the same ~165-190 sentences/s for 32 clients x 8 sentences (bench/overload.py, embeddings.py).
@@ -119,7 +130,7 @@ def cpu_demo_args(
                 # may hold as many as the replica: it learns that the replica has room only between batches (they
                 # run on its event loop), and with a queue of 16, 32 clients sending one sentence each got 503s
                 # (bench/embeddings.py).
-                "deployment": _cpu(0.5, RATED_CLIENTS, RATED_CLIENTS),
+                "deployment": _cpu(0.25, RATED_CLIENTS, RATED_CLIENTS, replicas=EMBEDDING_REPLICAS),
             }
         ],
         "tokenizer": _cpu(0.1, 256, 256),
