@@ -140,8 +140,9 @@ class ChatModelConfig(_Strict):
     engine: Literal["auto", "continuous", "sequential"] = "auto"
     # Sequences decoded together; the KV cache holds max_num_seqs x max_model_len tokens, allocated at start.
     max_num_seqs: Annotated[int, Field(ge=1)] = 16
-    # Prompt tokens prefilled in one forward pass, between two decode steps: joining prompts stall the running
-    # streams by at most this much work; a longer prompt is prefilled in chunks of it, one per step.
+    # Prompt tokens prefilled between two decode steps: joining prompts stall the running streams by at most this
+    # much work (one forward pass, or several when more prompts arrive during one, as a burst's do); a longer
+    # prompt is prefilled in chunks of it, one per step.
     prefill_chunk_tokens: Annotated[int, Field(ge=16)] = 2048
     # Streamed text is sent at most this often per stream (the first increment at once); 0 sends every token.
     stream_interval_ms: Annotated[float, Field(ge=0)] = 50.0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -146,6 +148,51 @@ def test_prompts_prefilled_in_chunks_between_decode_steps_equal_generate(parts: 
         assert engine.running_sequences == 0 and engine.waiting_sequences == 0
     finally:
         engine.close()
+
+
+class _SlowFirstPass(ContinuousBatchingEngine):
+    """Records its prefill waves and decode steps. Its first wave's pass lasts until another prompt is waiting:
+    that prompt arrived during the pass, as the prompts of a burst do (the ingress sends them one by one)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.in_first_pass = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def _prefill_wave(self, sequences: list[Any]) -> None:
+        if not self.events:
+            self.in_first_pass.set()
+            give_up = time.monotonic() + 30
+            while not self._waiting and time.monotonic() < give_up:
+                time.sleep(0.001)
+        self.events.append(("wave", len(sequences)))
+        super()._prefill_wave(sequences)
+
+    def _decode_step(self) -> None:
+        self.events.append(("decode", len(self._running)))
+        super()._decode_step()
+
+
+def test_a_prompt_that_arrives_during_a_prefill_pass_joins_before_the_next_decode_step(parts: Any) -> None:
+    model, tokenizer, ends = parts
+    engine = _SlowFirstPass(model, tokenizer, ends, max_num_seqs=4, max_model_len=512)
+    first, second = request(tokenizer, 0), request(tokenizer, 1)
+
+    async def second_during_first_pass() -> list[Outcome]:
+        started = asyncio.create_task(collect(engine, first))
+        while not engine.in_first_pass.is_set():
+            await asyncio.sleep(0.001)
+        joining = asyncio.create_task(collect(engine, second))
+        return [await started, await joining]
+
+    try:
+        outcomes = asyncio.run(second_during_first_pass())
+    finally:
+        engine.close()
+    # The running sequence's next step waits for the newcomer's prefill (within the chunk budget): both then
+    # decode together, instead of one step more for the first and one wave later for the second.
+    assert engine.events[:3] == [("wave", 1), ("wave", 1), ("decode", 2)], engine.events[:6]
+    assert outcomes == [generate_text(model, tokenizer, ends, r) for r in (first, second)]
 
 
 @pytest.mark.parametrize("engine_class", [ContinuousBatchingEngine, SequentialEngine])

@@ -223,19 +223,32 @@ class ContinuousBatchingEngine(Engine):
             metrics.sequences(*counts)
 
     def _admit(self) -> None:
-        """One prefill forward pass: the next chunk of the staged prompt, else a wave of waiting prompts (or the
-        first chunk of a long one) within the chunk budget, while there are free slots."""
+        """Prefill before the next decode step, at most the chunk budget of prompt tokens: the next chunk of the
+        staged prompt; else waves of waiting prompts (or the first chunk of a long one) while there are free
+        slots. The prompts of a burst reach the engine one by one, so those that came during a wave's pass join
+        in a further wave before the running sequences' next step, while the budget lasts."""
         if self._staged is not None:
             return self._prefill_next_chunk()
+        budget = self._chunk_tokens
+        while budget > 0 and self._waiting and self._staged is None:
+            used = self._admit_wave(budget)
+            if not used:
+                return
+            budget -= used
+            self._outbox.flush()  # this wave's first tokens, before the next wave's pass
+
+    def _admit_wave(self, budget: int) -> int:
+        """One prefill forward pass of waiting prompts within `budget` tokens (a long prompt's first chunk only
+        with the whole chunk budget); the prompt tokens it took."""
         if len(self._running) >= self._cache.num_slots:
-            return
+            return 0
         jobs: list[Job] = []
         tokens = 0
         with self._lock:
             while self._waiting and len(self._running) + len(jobs) < self._cache.num_slots:
                 job = self._waiting[0]
                 length = len(job.request.prompt_token_ids)
-                if tokens + length > self._chunk_tokens and (jobs or length <= self._chunk_tokens):
+                if tokens + length > budget and (jobs or length <= budget or budget < self._chunk_tokens):
                     break  # joins a later wave
                 self._waiting.popleft()
                 if job.cancelled.is_set():
@@ -248,8 +261,10 @@ class ContinuousBatchingEngine(Engine):
         if len(sequences) == 1 and tokens > self._chunk_tokens:
             self._staged = (sequences[0], 0)
             self._prefill_next_chunk()
-        elif sequences:
+            return self._chunk_tokens
+        if sequences:
             self._prefill_wave(sequences)
+        return tokens
 
     def _refuse_late(self) -> None:
         """Refuse the jobs that waited past the queue deadline: the oldest are at the head of the queue."""
