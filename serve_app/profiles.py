@@ -124,8 +124,9 @@ def cpu_demo_args(
                 "forward_batch_size": 16,
                 # A request counts once here whatever its number of inputs, so the counts alone let 48 large
                 # requests wait ~100 s on 2 busy cores (bench/overload.py); the queue deadline (the default's 12
-                # batches as measured: ~4-5 s on a quiet machine, ~18 s beside a chat load that saturates both
-                # cores; from the request's arrival at the ingress) bounds the wait instead. A constant of 5 s
+                # batches as each replica measures them: ~0.36-0.46 s per 64 texts on one thread, so 4.3-5.5 s
+                # under 32 clients x 8 sentences; from the request's arrival at the ingress) bounds the wait
+                # instead. A constant of 5 s
                 # refused 32 clients x 8 sentences on a slower machine (bench/embeddings.py --hog 2). The ingress
                 # may hold as many as the replica: it learns that the replica has room only between batches (they
                 # run on its event loop), and with a queue of 16, 32 clients sending one sentence each got 503s

@@ -21,11 +21,16 @@ CHAT = "Chat-tiny-glm"
 EMBEDDING = "Embedding-all-MiniLM-L6-v2"
 
 
+def _replica_actor_name(deployment: str, replica_id: str = "") -> str:
+    """Serve's name for a replica's actor (with no id: the prefix its deployment's replicas share)."""
+    return f"SERVE_REPLICA::glm-serve#{deployment}#{replica_id}"
+
+
 def _replica_names(deployment: str) -> set[str]:
     return {
         str(a["name"])
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith(f"SERVE_REPLICA::glm-serve#{deployment}#")
+        if a["name"].startswith(_replica_actor_name(deployment))
     }
 
 
@@ -152,7 +157,7 @@ def test_a_broken_model_fails_its_health_check_and_its_replica_is_replaced(http:
         for _ in range(200):
             hit = handle.break_model_for_tests.remote().result()
             assert hit["tensors"] > 0
-            broken.add(f"SERVE_REPLICA::glm-serve#{deployment}#{hit['replica']}")
+            broken.add(_replica_actor_name(deployment, hit["replica"]))
             if broken >= replicas:
                 break
         assert broken >= replicas, (broken, replicas)
@@ -191,12 +196,7 @@ def test_a_broken_engine_answers_503_until_serve_replaces_its_replica(http: http
             reply.status_code == 503
         ):  # refused by the broken engine, or waited past the deadline for its successor
             _assert_unavailable(reply, "replica_unavailable", "overloaded")
-        live = [
-            a["name"]
-            for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(f"SERVE_REPLICA::glm-serve#{CHAT}#")
-        ]
-        return reply.status_code == 200 and before not in live
+        return reply.status_code == 200 and before not in _replica_names(CHAT)
 
     _until(replaced)
     # Meanwhile every request was told to retry (503 + Retry-After): never a 500, never a hang.

@@ -230,11 +230,11 @@ class ContinuousBatchingEngine(Engine):
         if self._staged is not None:
             return self._prefill_next_chunk()
         budget = self._chunk_tokens
-        while budget > 0 and self._waiting and self._staged is None:
+        while True:
             used = self._admit_wave(budget)
-            if not used:
-                return
             budget -= used
+            if not used or budget <= 0 or not self._waiting or self._staged is not None:
+                return  # the turn sends the last wave's first tokens
             self._outbox.flush()  # this wave's first tokens, before the next wave's pass
 
     def _admit_wave(self, budget: int) -> int:
