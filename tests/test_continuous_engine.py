@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from deployments.chat_engine.continuous import ContinuousBatchingEngine
+from deployments.chat_engine.packing import pack_rows
 from deployments.chat_engine.sequential import SequentialEngine
 from deployments.queue_deadline import QueueDeadline
 from serve_app.errors import ServiceUnavailable, overloaded
@@ -193,6 +194,47 @@ def test_a_prompt_that_arrives_during_a_prefill_pass_joins_before_the_next_decod
     # decode together, instead of one step more for the first and one wave later for the second.
     assert engine.events[:3] == [("wave", 1), ("wave", 1), ("decode", 2)], engine.events[:6]
     assert outcomes == [generate_text(model, tokenizer, ends, r) for r in (first, second)]
+
+
+def test_a_prefill_row_holds_as_many_prompts_as_fit_beside_the_longest() -> None:
+    lengths = [10, 3, 7, 2, 9, 1]
+    rows = pack_rows(lengths)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= max(lengths) for row in rows)
+    assert rows == [[0], [4, 5], [2, 1], [3]]  # first fit, longest first: 4 rows of 10 instead of 6
+
+
+class _OneWave(ContinuousBatchingEngine):
+    """Prefills nothing until `wave` prompts are waiting, so they share one pass; records each pass's prompts."""
+
+    def __init__(self, *args: Any, wave: int, **kwargs: Any) -> None:
+        self.wave = wave
+        self.passes: list[list[int]] = []  # the prompts' lengths
+        super().__init__(*args, **kwargs)
+
+    def _admit(self) -> None:
+        give_up = time.monotonic() + 30
+        while not self.passes and len(self._waiting) < self.wave and time.monotonic() < give_up:
+            time.sleep(0.001)
+        super()._admit()
+
+    def _prefill_slots(self, jobs: list[Any], slots: list[int]) -> Any:
+        self.passes.append([len(job.request.prompt_token_ids) for job in jobs])
+        return super()._prefill_slots(jobs, slots)
+
+
+def test_prompts_that_share_a_row_of_a_prefill_pass_each_see_only_themselves(parts: Any) -> None:
+    model, tokenizer, ends = parts
+    requests = [request(tokenizer, i) for i in (9, 0, 1, 4, 2)]
+    engine = _OneWave(model, tokenizer, ends, max_num_seqs=5, max_model_len=512, wave=len(requests))
+    try:
+        outcomes = run(engine, requests)
+    finally:
+        engine.close()
+    first = engine.passes[0]
+    assert len(first) == len(requests) and len(pack_rows(first)) < len(first), engine.passes
+    # A prompt that saw its row's neighbours, or counted its positions from theirs, would answer otherwise.
+    assert outcomes == [generate_text(model, tokenizer, ends, r) for r in requests]
 
 
 @pytest.mark.parametrize("engine_class", [ContinuousBatchingEngine, SequentialEngine])

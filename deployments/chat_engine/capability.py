@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from deployments.chat_engine.slot_cache import SlotKVCache
+from deployments.chat_engine.slot_cache import Segment, SlotKVCache
 
 logger = logging.getLogger("ray.serve")
 
@@ -92,7 +92,7 @@ def _probe(model: Any) -> str | None:
         with torch.inference_mode():
             expected = model(input_ids=tokens).logits[0, -1].float()
             slot = cache.add_sequence()
-            cache.prepare_prefill([(slot, prompt)])
+            cache.prepare_prefill([Segment(slot, 0, 0, prompt)])
             columns = torch.arange(prompt, device=device)
             mask = (columns[None, :] <= columns[:, None])[None, None]
             model.get_decoder()(

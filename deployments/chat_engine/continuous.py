@@ -1,14 +1,16 @@
 """Continuous batching: many conversations share each forward pass of one chat replica.
 
-One worker thread owns the model. Each turn of its loop runs at most one prefill forward pass (of at most
-`prefill_chunk_tokens` prompt tokens: a wave of short waiting prompts together, or the next chunk of a long
-one), then one decode step for every running sequence together, each at its own position. So a joining prompt
-stalls the running streams by one chunk at most, however long it is, and new streams start between steps. A
+One worker thread owns the model. Each turn of its loop prefills at most `prefill_chunk_tokens` prompt tokens
+(waves of short waiting prompts, one forward pass each with the prompts packed into rows (packing.py), or the
+next chunk of a long one), then runs one decode step for every running sequence together, each at its own
+position. So a joining prompt stalls the running streams by one chunk at most, however long it is, and new
+streams start between steps. A
 sequence leaves the batch at the step it finishes, hits a stop string, or its client goes away, and its slot is
 reused at once. Every per-token task (sampling, detokenization, stop strings) runs here, off the event loop.
 
 Failures stay with their request. A prefill wave is all-or-nothing: if anything fails before its sequences join
-the batch, its slots are freed and its requests retried one by one, so the one that fails gets the error alone.
+the batch (its pass, or any prompt's non-finite logits), its slots are freed and its requests retried one by one, so
+the one that fails gets the error alone.
 A failure that belongs to one row of a step (its logits, its sampler, its detokenization) ends that row only. A
 failed forward pass of a decode step fails the running sequences (nothing tells which row broke it); several in a
 row, or any broken invariant between the batch and its KV slots, mark the engine broken: it then refuses every
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from deployments.chat_engine.jobs import Engine, Job
+from deployments.chat_engine.packing import PackedPrefill
 from deployments.chat_engine.sampling import Chosen, choose_tokens
 from deployments.chat_engine.sequence import Sequence
 from deployments.chat_engine.slot_cache import SlotKVCache
@@ -355,6 +358,11 @@ class ContinuousBatchingEngine(Engine):
         slots = [self._cache.add_sequence() for _ in sequences]
         try:
             logits = self._prefill_slots([s.job for s in sequences], slots)
+            if len(sequences) > 1 and not bool(torch.isfinite(logits).all()):
+                # Prompts packed into one row share its attention: one prompt's non-finite states make its
+                # neighbours' logits non-finite too. Alone, each gets its own (before sampling, which would
+                # draw from seeded generators).
+                raise FloatingPointError("a prefill pass gave non-finite logits")
             return choose_tokens([s.sampler for s in sequences], logits)
         except BaseException:
             for slot in reversed(slots):  # the newest slots: nothing moves
@@ -362,29 +370,21 @@ class ContinuousBatchingEngine(Engine):
             raise
 
     def _prefill_slots(self, jobs: list[Job], slots: list[int]) -> torch.Tensor:
-        """One forward pass over the new prompts; returns each one's next-token logits ([rows, vocab] float32)."""
+        """One forward pass over the new prompts, packed into rows; returns each one's next-token logits ([rows,
+        vocab] float32)."""
         device = self._model.device
-        prompts = [job.request.prompt_token_ids for job in jobs]
-        sizes = [len(p) for p in prompts]  # from the host: no device sync to learn them
-        width = max(sizes)
-        padded = [prompt + [0] * (width - len(prompt)) for prompt in prompts]
-        input_ids = torch.tensor(padded, dtype=torch.long, device=device)
-        lengths = torch.tensor(sizes, device=device)
-        columns = torch.arange(width, device=device)
-        causal = columns[None, :] <= columns[:, None]  # [query, key]
-        real_keys = columns[None, :] < lengths[:, None]  # [row, key]
-        mask = causal[None, :, :] & real_keys[:, None, :]
-        self._cache.prepare_prefill(list(zip(slots, sizes, strict=True)))
+        packed = PackedPrefill([job.request.prompt_token_ids for job in jobs], slots)
+        position_ids, mask = packed.attention_mask(device)
+        self._cache.prepare_prefill(packed.segments)
         hidden = self._decoder(
-            input_ids=input_ids,
-            position_ids=columns[None, :].expand(len(prompts), -1),
-            attention_mask=mask[:, None, :, :],
+            input_ids=torch.tensor(packed.tokens, dtype=torch.long, device=device),
+            position_ids=position_ids,
+            attention_mask=mask,
             cache=self._cache,
             use_cache=True,
         ).last_hidden_state
         self._cache.finish_step()
-        last = hidden[torch.arange(len(prompts), device=device), lengths - 1]
-        return self._lm_head(last).float()
+        return self._lm_head(hidden[packed.last_positions(device)]).float()
 
     def _decode_step(self) -> None:
         device = self._model.device

@@ -1,9 +1,9 @@
 """A KV cache of fixed slots, one per running sequence, for a batch whose sequences have different lengths.
 
 It stands in for transformers' `Cache` through the one method decoder layers call, `update(keys, values, layer)`:
-a prefill writes one sequence's prompt into its slot; a decode step writes one new position per running sequence,
-each at its own length. Running sequences always occupy slots 0..n-1, so the keys a step attends over are a view,
-not a copy; a sequence that leaves is replaced by the last one (one slot copied).
+a prefill writes each new prompt (a `Segment` of a row of its pass) into its slot; a decode step writes one new
+position per running sequence, each at its own length. Running sequences always occupy slots 0..n-1, so the keys
+a step attends over are a view, not a copy; a sequence that leaves is replaced by the last one (one slot copied).
 
 A long prompt is prefilled in chunks (one per engine turn, between decode steps) into an extra staging slot,
 each chunk attending over the chunks before it; once whole, it is copied into the next running slot. Memory is
@@ -12,7 +12,18 @@ fixed at start: (slots + 1) x capacity x layers x 2 x kv_heads x head_dim.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class Segment(NamedTuple):
+    """Where a prefill pass holds one new prompt: tokens start..start+length-1 of batch row `row`, for `slot`."""
+
+    slot: int
+    row: int
+    start: int
+    length: int
 
 
 class SlotKVCache:
@@ -35,7 +46,7 @@ class SlotKVCache:
         self.lengths: list[int] = []  # tokens cached per running sequence, by slot
         self._device = device
         # What the next forward pass writes: the prompts of some new slots, or one position in each running slot.
-        self._prefill: list[tuple[int, int]] | None = None  # (slot, prompt length) per row
+        self._prefill: list[Segment] | None = None
         self._chunk: tuple[int, int] | None = (
             None  # (start, length) of the chunk written into the staging slot
         )
@@ -63,9 +74,9 @@ class SlotKVCache:
             self.lengths[slot] = length
         self.lengths.pop()
 
-    def prepare_prefill(self, slots_and_lengths: list[tuple[int, int]]) -> None:
-        """Set up one forward pass over several new prompts, right-padded to the longest."""
-        self._prefill, self._positions, self._chunk = slots_and_lengths, None, None
+    def prepare_prefill(self, segments: list[Segment]) -> None:
+        """Set up one forward pass over several new prompts, each a segment of a row (rows may hold several)."""
+        self._prefill, self._positions, self._chunk = segments, None, None
 
     def prepare_chunk(self, start: int, length: int) -> None:
         """Set up one forward pass over tokens start..start+length-1 of the prompt being staged."""
@@ -97,8 +108,8 @@ class SlotKVCache:
         if self._chunk is not None:
             self._chunk = None  # the staged prompt's progress is the engine's to track
         elif self._prefill is not None:
-            for slot, length in self._prefill:
-                self.lengths[slot] = length
+            for segment in self._prefill:
+                self.lengths[segment.slot] = segment.length
         else:
             self.lengths = [length + 1 for length in self.lengths]
 
@@ -121,9 +132,9 @@ class SlotKVCache:
             return keys[staging : staging + 1, :, :end], values[staging : staging + 1, :, :end]
         if self._prefill is not None:
             # The prompts attend only to themselves: store each one's real tokens, hand the batch straight back.
-            for row, (slot, length) in enumerate(self._prefill):
-                keys[slot, :, :length] = key_states[row, :, :length]
-                values[slot, :, :length] = value_states[row, :, :length]
+            for slot, row, start, length in self._prefill:
+                keys[slot, :, :length] = key_states[row, :, start : start + length]
+                values[slot, :, :length] = value_states[row, :, start : start + length]
             return key_states, value_states
         assert self._positions is not None
         rows = torch.arange(len(self.lengths), device=self._device)
