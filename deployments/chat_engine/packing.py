@@ -45,7 +45,7 @@ class PackedPrefill:
     owners: list[list[int]] = field(init=False)  # the prompt of each token; -1: padding
 
     def __post_init__(self) -> None:
-        self.segments, self.tokens, self.positions, self.owners = [], [], [], []
+        self.tokens, self.positions, self.owners = [], [], []
         by_prompt: dict[int, Segment] = {}
         width = max(len(p) for p in self.prompts)
         for row, members in enumerate(pack_rows([len(p) for p in self.prompts])):
