@@ -374,7 +374,7 @@ class ContinuousBatchingEngine(Engine):
         vocab] float32)."""
         device = self._model.device
         packed = PackedPrefill([job.request.prompt_token_ids for job in jobs], slots)
-        position_ids, mask = packed.attention_mask(device)
+        position_ids, mask = packed.positions_and_mask(device)
         self._cache.prepare_prefill(packed.segments)
         hidden = self._decoder(
             input_ids=torch.tensor(packed.tokens, dtype=torch.long, device=device),

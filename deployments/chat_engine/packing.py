@@ -65,7 +65,7 @@ class PackedPrefill:
             self.owners.append(owners + [-1] * padding)
         self.segments = [by_prompt[i] for i in range(len(self.prompts))]
 
-    def attention_mask(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def positions_and_mask(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(position ids [rows, width], the mask [rows, 1, width, width]: each prompt sees itself, causally)."""
         positions = torch.tensor(self.positions, device=device)
         owners = torch.tensor(self.owners, device=device)
