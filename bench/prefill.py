@@ -88,19 +88,25 @@ def main() -> int:
             engine._cache.remove_sequence(slot)
         return elapsed
 
-    def padded(wave: list[list[int]]) -> float:
+    def one_pass_padded(wave: list[list[int]]) -> float:
         with mock.patch.object(packing, "pack_rows", one_per_row):
             return one_pass(wave)
 
     layouts: dict[str, Callable[[list[list[int]]], float]] = {
         "packed": one_pass,
-        "padded": padded,
+        "padded": one_pass_padded,
         "alone": lambda wave: sum(one_pass([p]) for p in wave),
+    }
+    # The tokens each layout computes for a wave of these prompt lengths, padding included.
+    computed: dict[str, Callable[[list[int]], int]] = {
+        "packed": lambda lengths: len(packing.pack_rows(lengths)) * max(lengths),
+        "padded": lambda lengths: len(lengths) * max(lengths),
+        "alone": sum,
     }
 
     def measure(size: int) -> dict[str, Any]:
         times: dict[str, list[float]] = {name: [] for name in layouts}
-        tokens = []
+        waves: list[list[int]] = []  # the prompt lengths of each measured wave
         for r in range(args.rounds + 1):
             wave = [prompts[(r * size + i) % len(prompts)] for i in range(size)]
             for name, run in layouts.items():
@@ -108,25 +114,16 @@ def main() -> int:
                 if r:  # the first round warms up
                     times[name].append(elapsed)
             if r:
-                tokens.append(sum(map(len, wave)))
-        rows = {
-            "packed": lambda ls: len(packing.pack_rows(ls)) * max(ls),
-            "padded": lambda ls: len(ls) * max(ls),
-            "alone": sum,
-        }
-        result: dict[str, Any] = {}
-        for name, elapsed in times.items():
-            median = statistics.median(elapsed)
-            computed = [
-                rows[name]([len(prompts[(r * size + i) % len(prompts)]) for i in range(size)])
-                for r in range(1, args.rounds + 1)
-            ]
-            result[name] = {
-                "ms": median * 1000,
-                "tokens_per_s": statistics.median(tokens) / median,
-                "padding": 1 - sum(tokens) / sum(computed),
+                waves.append([len(p) for p in wave])
+        real = sum(map(sum, waves))
+        return {
+            name: {
+                "ms": statistics.median(elapsed) * 1000,
+                "tokens_per_s": statistics.median(map(sum, waves)) / statistics.median(elapsed),
+                "padding": 1 - real / sum(computed[name](lengths) for lengths in waves),
             }
-        return result
+            for name, elapsed in times.items()
+        }
 
     print(
         f"  {'wave':>4} | {'packed ms':>9} {'tok/s':>7} {'pad':>4} | {'padded ms':>9} {'tok/s':>7} {'pad':>4} | "
@@ -134,7 +131,7 @@ def main() -> int:
     )
     with torch.inference_mode():
         for size in waves:
-            for attempt in range(2):
+            for _ in range(2):
                 with CpuWindow() as cpu:
                     result = measure(size)
                 if cpu.foreign_pct <= args.foreign_max:
@@ -142,11 +139,11 @@ def main() -> int:
             else:
                 print(f"  {size:>4} | busy (other processes used {cpu.foreign_pct:.0f}% of the CPU)")
                 continue
-            packed, padded_, alone = result["packed"], result["padded"], result["alone"]
+            packed, padded, alone = result["packed"], result["padded"], result["alone"]
             print(
                 f"  {size:>4} | {packed['ms']:>9.1f} {packed['tokens_per_s']:>7.0f} {packed['padding']:>4.0%} | "
-                f"{padded_['ms']:>9.1f} {padded_['tokens_per_s']:>7.0f} {padded_['padding']:>4.0%} | "
-                f"{alone['ms']:>8.1f} {alone['tokens_per_s']:>7.0f} | {packed['ms'] / padded_['ms']:.2f}"
+                f"{padded['ms']:>9.1f} {padded['tokens_per_s']:>7.0f} {padded['padding']:>4.0%} | "
+                f"{alone['ms']:>8.1f} {alone['tokens_per_s']:>7.0f} | {packed['ms'] / padded['ms']:.2f}"
             )
     engine.close()
     return 0

@@ -79,8 +79,7 @@ def _router_on_its_own_loop(handle: DeploymentHandle) -> DeploymentHandle:
     2660 vs 2554 / 2596 tokens/s. Short calls (tokenizer, embeddings) keep the router on the caller's loop, which
     costs them less (runtime.py, RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP). `_init` is Serve's way to set a handle's
     init options, before its first `.options()` or call."""
-    if not handle.is_initialized:
-        handle._init(_run_router_in_separate_loop=True)
+    handle._init(_run_router_in_separate_loop=True)
     return handle
 
 

@@ -36,6 +36,7 @@ SERVE_ENV = {
     # User code on the replica's own loop (ours never blocks it: models run in threads): -5-8% CPU/request.
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     # Handle router on the caller's loop, not a second loop thread with cross-thread hand-offs: -5-8% CPU/request.
+    # The chat handles are the exception: their router has a loop of its own (registry.py).
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     # HAProxy mode (see HA_PROXY): how long an ingress replica that is going away keeps answering while HAProxy
     # learns of it. Ray's 30 s is for clusters; HAProxy on the same node hears of the change within ~0.1 s.

@@ -4,17 +4,17 @@ One worker thread owns the model. Each turn of its loop prefills at most `prefil
 (waves of short waiting prompts, one forward pass each with the prompts packed into rows (packing.py), or the
 next chunk of a long one), then runs one decode step for every running sequence together, each at its own
 position. So a joining prompt stalls the running streams by one chunk at most, however long it is, and new
-streams start between steps. A
-sequence leaves the batch at the step it finishes, hits a stop string, or its client goes away, and its slot is
-reused at once. Every per-token task (sampling, detokenization, stop strings) runs here, off the event loop.
+streams start between steps. A sequence leaves the batch at the step it finishes, hits a stop string, or its
+client goes away, and its slot is reused at once. Every per-token task (sampling, detokenization, stop strings)
+runs here, off the event loop.
 
 Failures stay with their request. A prefill wave is all-or-nothing: if anything fails before its sequences join
-the batch (its pass, or any prompt's non-finite logits), its slots are freed and its requests retried one by one, so
-the one that fails gets the error alone.
-A failure that belongs to one row of a step (its logits, its sampler, its detokenization) ends that row only. A
-failed forward pass of a decode step fails the running sequences (nothing tells which row broke it); several in a
-row, or any broken invariant between the batch and its KV slots, mark the engine broken: it then refuses every
-request with 503 and its health check fails, so Serve replaces the replica.
+the batch (its pass, or any prompt's non-finite logits), its slots are freed and its requests retried one by one,
+so the one that fails gets the error alone. A failure that belongs to one row of a step (its logits, its sampler,
+its detokenization) ends that row only. A failed forward pass of a decode step fails the running sequences
+(nothing tells which row broke it); several in a row, or any broken invariant between the batch and its KV
+slots, mark the engine broken: it then refuses every request with 503 and its health check fails, so Serve
+replaces the replica.
 
 It drives any decoder whose attention layers call `past_key_values.update(keys, values, layer)` and accept a
 prepared 4D mask (transformers' native models, GLM-4 among them); `SequentialEngine` serves the rest.
