@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import signal
 import socket
@@ -54,12 +55,16 @@ SERVE_ENV = {
 HA_PROXY = "RAY_SERVE_ENABLE_HA_PROXY"
 # HAProxy mode's fixed ports (Prometheus exporter 9101, stats page 8404, the fallback Python proxy 8500):
 # local starts pick free ones, so that two servers on one machine (a test session and the demo it starts) do not
-# take each other's.
+# take each other's. They are picked from _HA_PROXY_PORT_RANGE: below the kernel's ephemeral range (32768-60999
+# on Linux), where any port-0 bind or outgoing connection may take a port between our check and HAProxy's bind
+# (HAProxy once died "cannot bind socket" that way, and the app never became healthy), and above the ports Ray's
+# workers take (10002-19999). tests/ use 28000-29999.
 _HA_PROXY_PORTS = (
     "RAY_SERVE_HAPROXY_METRICS_PORT",
     "RAY_SERVE_HAPROXY_STATS_PORT",
     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
 )
+_HA_PROXY_PORT_RANGE = range(20000, 28000)
 
 
 def haproxy_installed() -> bool:
@@ -79,10 +84,29 @@ def uses_haproxy() -> bool:
     return os.environ.get(HA_PROXY, "1" if haproxy_installed() else "0") == "1"
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+def free_ports(count: int, ports: range, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports of `ports` that a server could listen on now, tried in random order: servers
+    started together on one machine would otherwise all probe, and take, the same first port."""
+    found: list[int] = []
+    for port in random.sample(ports, len(ports)):
+        if _cannot_listen(host, port) is None:
+            found.append(port)
+            if len(found) == count:
+                return found
+    raise RuntimeError(f"fewer than {count} free ports in {ports.start}-{ports.stop - 1}")
+
+
+def _cannot_listen(host: str, port: int) -> OSError | None:
+    """Why a server could not listen on host:port, or None if it could."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As the HTTP server binds: with SO_REUSEADDR a closed connection's TIME_WAIT is no conflict, a listener is.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc
+    return None
 
 
 class PortInUse(RuntimeError):
@@ -92,17 +116,12 @@ class PortInUse(RuntimeError):
 def check_port_free(host: str, port: int) -> None:
     """Raise PortInUse if a server could not listen on host:port; checked before Ray starts, which otherwise
     comes up, deploys, and only then fails (or, worse, leaves the old listener answering)."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    with socket.socket(family, kind, proto) as probe:
-        # As the HTTP server binds: with SO_REUSEADDR a closed connection's TIME_WAIT is no conflict, a listener is.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise PortInUse(
-                f"{host}:{port} is already in use ({exc.strerror}): stop what holds it "
-                "(an earlier glm-serve too) or choose another port"
-            ) from None
+    refused = _cannot_listen(host, port)
+    if refused is not None:
+        raise PortInUse(
+            f"{host}:{port} is already in use ({refused.strerror}): stop what holds it "
+            "(an earlier glm-serve too) or choose another port"
+        )
 
 
 class _RayProcesses:
@@ -203,7 +222,8 @@ def start_serve(
         os.environ.setdefault(key, value)
     os.environ[HA_PROXY] = "1" if uses_haproxy() else "0"
     if os.environ[HA_PROXY] == "1":
-        os.environ.update({key: str(_free_port(host)) for key in _HA_PROXY_PORTS})
+        picked = free_ports(len(_HA_PROXY_PORTS), _HA_PROXY_PORT_RANGE, host)
+        os.environ.update({key: str(port) for key, port in zip(_HA_PROXY_PORTS, picked, strict=True)})
     # address="local": always a new Ray of our own. Without it ray.init joins whatever cluster another process
     # (a test's simulated cluster, a killed `ray start`) left in /tmp/ray/ray_current_cluster, and deploys there.
     ray_init.setdefault("address", "local")

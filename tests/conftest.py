@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
-import socket
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -13,17 +11,15 @@ import httpx
 import openai
 import pytest
 
+from serve_app.runtime import free_ports
 from tests.secured_app import APP_NAME, SecuredApp, deploy_secured_app
 
 
 def _free_port() -> int:
-    # Ray's own workers take 10002-19999; our servers stay above that. In random order: sessions started together
-    # on one machine probed the same first port, and Serve's proxies (SO_REUSEPORT) then shared it.
-    for port in random.sample(range(28000, 29000), 1000):
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) != 0:
-                return port
-    raise RuntimeError("no free port in 28000-28999")
+    # Above Ray's workers (10002-19999) and HAProxy's ports (runtime.py), below the kernel's ephemeral range.
+    # Random order (free_ports): sessions started together on one machine probed the same first port, and Serve's
+    # proxies (SO_REUSEPORT) then shared it.
+    return free_ports(1, range(28000, 29000))[0]
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from serve_app.runtime import free_ports
 from serve_app.spool import Spool, SpoolConfig
 
 GLM_SERVE = str(Path(sys.executable).with_name("glm-serve"))
@@ -75,7 +75,7 @@ class Forwarder:
     def __init__(self, target: str) -> None:
         parts = urlsplit(target)
         self._target = (parts.hostname or "127.0.0.1", parts.port or 80)
-        self.port = _free_port(29000, 30000)
+        self.port = free_ports(1, range(29000, 30000))[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.captured: list[bytearray] = []  # spool -> app bytes, one buffer per connection
         # Requests in flight: a connection is busy from the spool's bytes until the app's first answer bytes.
@@ -170,17 +170,6 @@ class Forwarder:
                     bodies.append(json.loads(rest[:size]))
                 data = rest[size:]
         return bodies
-
-
-def _free_port(low: int, high: int) -> int:
-    for port in range(low, high):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 class SpoolProcess:

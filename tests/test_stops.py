@@ -29,13 +29,6 @@ GLM_SERVE = str(Path(sys.executable).with_name("glm-serve"))
 STOP_WITHIN_S = 5.0
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what}"
-        time.sleep(0.1)
-
-
 class Demo:
     """`glm-serve demo` in a subprocess; output in a file."""
 
@@ -69,9 +62,16 @@ class Demo:
                 continue
         return titles
 
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout_s: float = 240) -> None:
+        """Until `condition`; fails at once, with the log's tail, if the demo exits first."""
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert self.process.poll() is None, f"the demo exited waiting for {what}: {self.log()[-3000:]}"
+            assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what}"
+            time.sleep(0.1)
+
     def wait_ready(self) -> None:
-        _wait_for(lambda: "glm-serve is ready" in self.log() or self.process.poll() is not None, "the demo")
-        assert self.process.poll() is None, self.log()[-3000:]
+        self.wait_for(lambda: "glm-serve is ready" in self.log(), "the demo")
 
     def sigterm_and_time(self) -> tuple[float, list[psutil.Process]]:
         """SIGTERM; the seconds until the demo and every process of its tree (collected just before) are gone."""
@@ -150,7 +150,7 @@ def test_sigterm_mid_stream_with_a_hung_replica_ends_the_stream_and_every_proces
 def test_sigterm_while_starting_ends_every_process(demo: Callable[[], Demo]) -> None:
     server = demo()
     # Ray is up and Serve is deploying the app: some replica process exists, /health is not yet 200.
-    _wait_for(
+    server.wait_for(
         lambda: any("SERVE_REPLICA::" in t or "ServeReplica:" in t for t in server.titles()), "a replica"
     )
     assert "glm-serve is ready" not in server.log()
