@@ -8,6 +8,7 @@
                                             # prompts per prefill pass (the CPU profile's default: chunks of 512)
     python bench/chat.py --only glm --concurrency 32 --hog 2   # the rated load, two busy loops beside: a machine
                                             # about twice as slow must still answer only 200s
+    python bench/chat.py --only glm --only peer --concurrency 16 --rates 12,16,20   # TTFT at equal load
 
 All three run the LARGER tiny GLM (hidden 256, intermediate 512, 4 layers; random weights) from one model folder,
 on one fixed list of chat prompts (a short instruction plus one of bench/embeddings.py's sentences), greedy
@@ -24,6 +25,11 @@ on one fixed list of chat prompts (a short instruction plus one of bench/embeddi
       content. The chat replica's RSS (VmRSS sampled every 0.2 s, VmHWM) is recorded throughout.
   (c) the peer: `transformers serve <folder> --device cpu --continuous-batching` from bench/.venv-peer, same load
       (its model id is the folder path; it sends usage on its final chunk without being asked).
+  (d) open loop, (b) and (c) alike: requests arrive at --rates requests/s (default 12, 16, 20) at Poisson arrival
+      times from one fixed seed, --rate-requests of them (default 200), whether earlier streams have ended or not.
+      This compares TTFT at equal load, which the closed loop does not: at equal concurrency a server that
+      streams faster is sent more requests per second (glm-serve ~21/s at 16 streams, the peer ~14/s), and each
+      is a prompt to prefill; and its users end and resend in step, so prompts arrive in bursts.
 Servers run one at a time, each in its own subprocess; the load client runs in this process. Each server level
 is measured --repeat times (default 2) and the best counts (this VM's speed drifts from run to run); a level
 measured while something outside this benchmark used more than --foreign-max % of the CPU does not count and is
@@ -38,6 +44,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -45,8 +52,10 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -111,6 +120,9 @@ TARGET_SCALING = 6.0  # glm-serve at 16 streams >= 6x its own 1-stream tokens/s
 TARGET_VS_PEER = 1.2  # glm-serve at 16 streams >= 1.2x the peer at 16
 TARGET_VS_LIMIT = 0.5  # glm-serve >= 0.5x the in-process continuous-batching limit (same batch size)
 TARGET_VS_ENGINE = 0.8  # glm-serve at 16 streams >= 0.8x its engine alone (the serving path's share)
+
+RATE_SEED = 2024  # the open-loop levels' arrival times
+WARM_CONNECTIONS = 16  # connections the open-loop levels open before the timed requests
 
 INSTRUCTIONS = [
     "Continue this story:",
@@ -267,6 +279,17 @@ async def _one_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any])
     }
 
 
+def _body(model: str, messages: list[list[dict[str, str]]], i: int, budget: int) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": messages[i % len(messages)],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": budget,
+        "temperature": 0,
+    }
+
+
 async def _load(
     url: str,
     model: str,
@@ -275,22 +298,13 @@ async def _load(
     requests: int,
     max_tokens: int,
 ) -> dict[str, Any]:
-    def body(i: int, budget: int) -> dict[str, Any]:
-        return {
-            "model": model,
-            "messages": messages[i % len(messages)],
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "max_tokens": budget,
-            "temperature": 0,
-        }
-
+    """Closed loop: `concurrency` users, each sending its next request when its stream ends."""
     results: list[dict[str, Any]] = []
     work = iter(range(requests))
 
     async def user(client: httpx.AsyncClient, jobs: Any, budget: int, sink: list[dict[str, Any]]) -> None:
         for i in jobs:
-            sink.append(await _one_stream(client, url, body(i, budget)))
+            sink.append(await _one_stream(client, url, _body(model, messages, i, budget)))
 
     clients = [httpx.AsyncClient(timeout=600) for _ in range(concurrency)]
     try:
@@ -303,6 +317,41 @@ async def _load(
         elapsed = time.perf_counter() - start
     finally:
         await asyncio.gather(*(c.aclose() for c in clients))
+    return _summary(url, results, elapsed)
+
+
+async def _load_at_rate(
+    url: str,
+    model: str,
+    messages: list[list[dict[str, str]]],
+    rate: float,
+    requests: int,
+    max_tokens: int,
+) -> dict[str, Any]:
+    """Open loop: requests arrive at `rate` per second on average, whether earlier ones have ended or not, at
+    Poisson arrival times drawn from a fixed seed (the same schedule for every server), so servers are compared at
+    equal load. (A closed loop at equal concurrency is not equal load: the faster a server streams, the more
+    requests per second its users send it.)"""
+    arrivals = random.Random(RATE_SEED)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        # Warm-up (not timed): opens connections, with a short budget.
+        warm = range(len(messages) - WARM_CONNECTIONS, len(messages))
+        await asyncio.gather(*(_one_stream(client, url, _body(model, messages, i, 8)) for i in warm))
+        start = due = time.perf_counter()
+        streams = []
+        for i in range(requests):
+            due += arrivals.expovariate(rate)
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            streams.append(
+                asyncio.create_task(_one_stream(client, url, _body(model, messages, i, max_tokens)))
+            )
+        results = list(await asyncio.gather(*streams))
+        elapsed = time.perf_counter() - start
+    return _summary(url, results, elapsed)
+
+
+def _summary(url: str, results: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
     refused = Counter(str(r["status"]) for r in results if r["status"] != 200)
     results = [r for r in results if r["status"] == 200]
     if not results:
@@ -313,6 +362,7 @@ async def _load(
     gaps = [g * 1000 for r in results for g in r["gaps_s"]]
     return {
         "tokens_per_s": tokens / elapsed,
+        "requests_per_s": len(results) / elapsed,
         "ttft_p50_ms": pct(ttfts, 50),
         "ttft_p95_ms": pct(ttfts, 95),
         "ttft_p99_ms": pct(ttfts, 99),
@@ -334,18 +384,63 @@ def requests_for(concurrency: int, rounds: int, c1_requests: int) -> int:
     return c1_requests if concurrency == 1 else concurrency * rounds
 
 
-def measure_levels(
+# A load level: its key in the JSON ("c16": 16 streams, "r12": 12 requests/s), what it is called in the
+# output, and the coroutine that runs it once.
+Level = tuple[str, str, Callable[[], Coroutine[Any, Any, dict[str, Any]]]]
+
+
+N = TypeVar("N", int, float)
+
+
+def parse_numbers(listed: str, kind: Callable[[str], N]) -> list[N]:
+    """'1,4,16' -> [1, 4, 16]; '' -> []."""
+    return [kind(n) for n in listed.split(",") if n.strip()]
+
+
+def measure_server(
     label: str,
     url: str,
     model: str,
     messages: list[list[dict[str, str]]],
-    concurrencies: list[int],
     args: argparse.Namespace,
     rss: RssMonitor | None,
 ) -> dict[str, Any]:
+    """One server's closed-loop levels (--concurrency: "load") and open-loop ones (--rates: "at_rate")."""
+    streams: list[Level] = [
+        (
+            f"c{concurrency}",
+            f"{concurrency:>2} streams",
+            partial(
+                _load,
+                url,
+                model,
+                messages,
+                concurrency,
+                requests_for(concurrency, args.rounds, args.c1_requests),
+                args.max_tokens,
+            ),
+        )
+        for concurrency in parse_numbers(args.concurrency, int)
+    ]
+    rates: list[Level] = [
+        (
+            f"r{rate:g}",
+            f"{rate:g} req/s",
+            partial(_load_at_rate, url, model, messages, rate, args.rate_requests, args.max_tokens),
+        )
+        for rate in parse_numbers(args.rates, float)
+    ]
+    return {
+        "load": measure_levels(label, streams, args, rss),
+        "at_rate": measure_levels(label, rates, args, rss),
+    }
+
+
+def measure_levels(
+    label: str, levels: list[Level], args: argparse.Namespace, rss: RssMonitor | None
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for concurrency in concurrencies:
-        requests = requests_for(concurrency, args.rounds, args.c1_requests)
+    for key, name, run in levels:
         attempts: list[dict[str, Any]] = []
         clean = 0  # attempts without another process in the way
         retries = 0
@@ -354,9 +449,9 @@ def measure_levels(
             load1 = os.getloadavg()[0]
             probe = cpu_probe_ms()
             if rss is not None:
-                rss.mark(f"c{concurrency}")
+                rss.mark(key)
             with CpuWindow() as cpu:
-                result = asyncio.run(_load(url, model, messages, concurrency, requests, args.max_tokens))
+                result = asyncio.run(run())
             result.update(
                 cpu_busy_before_pct=quiet,
                 load1_before=load1,
@@ -372,7 +467,7 @@ def measure_levels(
             else:
                 clean += 1
             print(
-                f"  {label:<10} {concurrency:>2} streams: {result['tokens_per_s']:7.1f} tokens/s  "
+                f"  {label:<10} {name}: {result['tokens_per_s']:7.1f} tokens/s  "
                 f"TTFT p50 {result['ttft_p50_ms']:7.1f} ms  p99 {result['ttft_p99_ms']:7.1f} ms  "
                 f"gap p99 {fmt(result['gap_p99_ms'], '.1f')} ms  "
                 f"stream p50 {fmt(result['stream_tokens_per_s_p50'], '.1f')} tok/s  "
@@ -394,7 +489,7 @@ def measure_levels(
         best["disturbed"] = not valid
         best["all_attempts_tokens_per_s"] = [a["tokens_per_s"] for a in attempts]
         best["other_attempts"] = [dict(a) for a in attempts if a is not best]
-        out[f"c{concurrency}"] = best
+        out[key] = best
     return out
 
 
@@ -746,6 +841,14 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
             "ratio": ratio(level(peer, "c16", "ttft_p50_ms"), level(glm, "c16", "ttft_p50_ms")),
             "target": 1.0,
         }
+    glm_rates = results.get("glm_serve", {}).get("at_rate", {})
+    peer_rates = results.get("peer", {}).get("at_rate", {})
+    for key in sorted(set(glm_rates) & set(peer_rates), key=lambda k: float(k[1:])):
+        if level(glm_rates, key, "ttft_p50_ms") and level(peer_rates, key, "ttft_p50_ms"):
+            out[f"peer TTFT p50 / glm-serve TTFT p50, {key[1:]} requests/s (open loop)"] = {
+                "ratio": ratio(level(peer_rates, key, "ttft_p50_ms"), level(glm_rates, key, "ttft_p50_ms")),
+                "target": 1.0,
+            }
     if tps(glm, "c16") and tps(engine, "c16"):
         out["glm-serve 16 streams / engine alone 16 streams"] = {
             "ratio": ratio(tps(glm, "c16"), tps(engine, "c16")),
@@ -804,6 +907,18 @@ def print_table(results: dict[str, Any]) -> None:
                 for k, v in sorted(load.items(), key=lambda kv: int(kv[0][1:]))
             )
             print(f"  {name} tokens/s of every attempt (the best is shown above) by streams: {spread}")
+    # Why the open-loop levels exist: at equal concurrency, the faster a server streams, the more requests per
+    # second its users send it, and the more prompts it must prefill in the same time.
+    for name, load in (("glm-serve", glm), ("peer", peer)):
+        served = ", ".join(
+            f"{k[1:]}: {fmt(reported(v, 'requests_per_s'), '.1f').strip()}"
+            for k, v in sorted(load.items(), key=lambda kv: int(kv[0][1:]))
+        )
+        if served:
+            print(
+                f"  {name} requests/s by streams (closed loop: its users send the next when one ends): {served}"
+            )
+    print_rate_table(results, figures)
     if engine:
         print("  (engine: glm-serve's ContinuousBatchingEngine driven in-process, no Ray, no HTTP)")
     limit = results.get("limit")
@@ -846,6 +961,27 @@ def print_table(results: dict[str, Any]) -> None:
             print(
                 f"  (reference) glm-serve {n} streams / static generate batch {n}: {g / static[n]['tokens_per_s']:.2f}"
             )
+
+
+def print_rate_table(results: dict[str, Any], figures: Callable[[dict[str, Any], int], str]) -> None:
+    """The open-loop levels: both servers at the same request rates (equal load), side by side."""
+    glm = results.get("glm_serve", {}).get("at_rate", {})
+    peer = results.get("peer", {}).get("at_rate", {})
+    if not glm and not peer:
+        return
+    print(
+        "  open loop: Poisson arrivals at a fixed rate, the same arrival times for both servers (equal load)"
+    )
+    print(
+        f"  {'req/s':>7} | {'glm-serve tok/s':>15} {'TTFT p50':>8} {'p99':>6} {'gap p99':>7} {'non-200':>7} | "
+        f"{'peer tok/s':>10} {'TTFT p50':>8} {'p99':>6} {'gap p99':>7} {'non-200':>7} | {'peer/glm TTFT p50':>17}"
+    )
+    for key in sorted(set(glm) | set(peer), key=lambda k: float(k[1:])):
+        g, p = glm.get(key, {}), peer.get(key, {})
+        print(
+            f"  {key[1:]:>7} | {figures(g, 15)} | {figures(p, 10)} | "
+            f"{fmt(ratio(reported(p, 'ttft_p50_ms'), reported(g, 'ttft_p50_ms')), '17.2f')}"
+        )
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -919,6 +1055,14 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=4, help="requests per simulated user (default 4)")
     parser.add_argument(
+        "--rates",
+        default="12,16,20",
+        help="open-loop levels: requests per second, Poisson arrivals (default 12,16,20; '' for none)",
+    )
+    parser.add_argument(
+        "--rate-requests", type=int, default=200, help="requests of each open-loop level (default 200)"
+    )
+    parser.add_argument(
         "--c1-requests", type=int, default=8, help="requests of the 1-stream level (default 8)"
     )
     parser.add_argument("--prompts", type=int, default=200, help="size of the prompt set (default 200)")
@@ -974,8 +1118,10 @@ def main() -> int:
         serve_child(args)
         return 0
     interrupt_on_sigterm()
-    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    concurrencies = parse_numbers(args.concurrency, int)
     needed = max(requests_for(c, args.rounds, args.c1_requests) for c in concurrencies) + max(concurrencies)
+    if parse_numbers(args.rates, float):
+        needed = max(needed, args.rate_requests + WARM_CONNECTIONS)
     args.prompts = max(args.prompts, needed)
     if args.limit_child:
         print("CHILD-JSON " + json.dumps(measure_limit(args)), flush=True)
@@ -1004,7 +1150,8 @@ def main() -> int:
         "temperature": 0,
         "prompts": len(messages),
         "requests_per_level": {
-            f"c{c}": requests_for(c, args.rounds, args.c1_requests) for c in concurrencies
+            **{f"c{c}": requests_for(c, args.rounds, args.c1_requests) for c in concurrencies},
+            **{f"r{r:g}": args.rate_requests for r in parse_numbers(args.rates, float)},
         },
         "glm_serve_env_overrides": env_overrides,
         "glm_serve_handle_transport": args.handle_transport or "the profile's",
@@ -1040,8 +1187,8 @@ def main() -> int:
                 print(f"  (no process titled {REPLICA_TITLE!r}: no RSS figures)")
             else:
                 rss = RssMonitor(pid)
-            results["glm_serve"]["load"] = measure_levels(
-                "glm-serve", f"{base}/v1/chat/completions", CHAT_MODEL, messages, concurrencies, args, rss
+            results["glm_serve"] |= measure_server(
+                "glm-serve", f"{base}/v1/chat/completions", CHAT_MODEL, messages, args, rss
             )
             if rss is not None:
                 results["glm_serve"]["chat_replica_rss"] = rss.stop()
@@ -1070,8 +1217,8 @@ def main() -> int:
                     "version": _peer_version(),
                 }
                 monitor = RssMonitor(proc.pid)
-                results["peer"]["load"] = measure_levels(
-                    "peer", f"{base}/v1/chat/completions", str(folder), messages, concurrencies, args, monitor
+                results["peer"] |= measure_server(
+                    "peer", f"{base}/v1/chat/completions", str(folder), messages, args, monitor
                 )
                 results["peer"]["server_rss"] = monitor.stop()
                 results["peer"]["busy_at_end"] = machine_busy()
