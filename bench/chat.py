@@ -872,53 +872,37 @@ def print_table(results: dict[str, Any]) -> None:
     )
     if note := hog_note(results):
         print(note)
-    # Per server: tokens/s, TTFT p50/p99 and the p99 gap between two text events, in ms; refusals; "busy" where
-    # other processes used the CPU during every attempt (no figure is reported then).
     print(
-        f"  {'streams':>7} | {'glm-serve tok/s':>15} {'TTFT p50':>8} {'p99':>6} {'gap p99':>7} {'non-200':>7} | "
-        f"{'peer tok/s':>10} {'TTFT p50':>8} {'p99':>6} {'gap p99':>7} {'non-200':>7} | {'glm/peer':>8} | "
+        f"  {'streams':>7} | {_server_columns('glm-serve', 15)} | {_server_columns('peer', 10)} | {'glm/peer':>8} | "
         f"{'engine tok/s':>12} {'glm/engine':>10}"
     )
-
-    def figures(level: dict[str, Any], width: int) -> str:
-        if level.get("disturbed"):
-            return f"{'busy':>{width}} {'':>8} {'':>6} {'':>7} {'':>7}"
-        refused = sum(level.get("non_200", {}).values()) if level else None
-        return (
-            f"{fmt(level.get('tokens_per_s'), f'{width}.1f')} {fmt(level.get('ttft_p50_ms'), '8.0f')} "
-            f"{fmt(level.get('ttft_p99_ms'), '6.0f')} {fmt(level.get('gap_p99_ms'), '7.0f')} "
-            f"{'-' if refused is None else refused:>7}"
-        )
-
     keys = sorted(set(glm) | set(peer) | set(engine), key=lambda k: int(k[1:]))
     for key in keys:
         g, p, e = glm.get(key, {}), peer.get(key, {}), engine.get(key, {})
         print(
-            f"  {key[1:]:>7} | {figures(g, 15)} | {figures(p, 10)} | "
+            f"  {key[1:]:>7} | {_server_figures(g, 15)} | {_server_figures(p, 10)} | "
             f"{fmt(ratio(reported(g, 'tokens_per_s'), reported(p, 'tokens_per_s')), '8.2f')} | "
             f"{fmt(e.get('tokens_per_s'), '12.1f')} "
             f"{fmt(ratio(reported(g, 'tokens_per_s'), e.get('tokens_per_s')), '10.2f')}"
         )
     for name, load in (("glm-serve", glm), ("peer", peer)):
         if load:
+            levels = sorted(load.items(), key=lambda kv: int(kv[0][1:]))
             spread = ", ".join(
                 f"{k[1:]}: "
                 + "/".join(f"{t:.0f}" for t in v.get("all_attempts_tokens_per_s", [v["tokens_per_s"]]))
-                for k, v in sorted(load.items(), key=lambda kv: int(kv[0][1:]))
+                for k, v in levels
             )
             print(f"  {name} tokens/s of every attempt (the best is shown above) by streams: {spread}")
-    # Why the open-loop levels exist: at equal concurrency, the faster a server streams, the more requests per
-    # second its users send it, and the more prompts it must prefill in the same time.
-    for name, load in (("glm-serve", glm), ("peer", peer)):
-        served = ", ".join(
-            f"{k[1:]}: {fmt(reported(v, 'requests_per_s'), '.1f').strip()}"
-            for k, v in sorted(load.items(), key=lambda kv: int(kv[0][1:]))
-        )
-        if served:
+            # Why the open-loop levels exist: at equal concurrency, the faster a server streams, the more
+            # requests per second its users send it, and the more prompts it must prefill in the same time.
+            served = ", ".join(
+                f"{k[1:]}: {fmt(reported(v, 'requests_per_s'), '.1f').strip()}" for k, v in levels
+            )
             print(
                 f"  {name} requests/s by streams (closed loop: its users send the next when one ends): {served}"
             )
-    print_rate_table(results, figures)
+    print_rate_table(results)
     if engine:
         print("  (engine: glm-serve's ContinuousBatchingEngine driven in-process, no Ray, no HTTP)")
     limit = results.get("limit")
@@ -963,7 +947,26 @@ def print_table(results: dict[str, Any]) -> None:
             )
 
 
-def print_rate_table(results: dict[str, Any], figures: Callable[[dict[str, Any], int], str]) -> None:
+def _server_columns(name: str, width: int) -> str:
+    """One server's column headings: tokens/s, TTFT p50/p99 and the p99 gap between two text events, in ms;
+    refusals."""
+    return f"{name + ' tok/s':>{width}} {'TTFT p50':>8} {'p99':>6} {'gap p99':>7} {'non-200':>7}"
+
+
+def _server_figures(level: dict[str, Any], width: int) -> str:
+    """One server's figures for a level, under `_server_columns`; "busy" where other processes used the CPU during
+    every attempt (no figure is reported then)."""
+    if level.get("disturbed"):
+        return f"{'busy':>{width}} {'':>8} {'':>6} {'':>7} {'':>7}"
+    refused = sum(level.get("non_200", {}).values()) if level else None
+    return (
+        f"{fmt(level.get('tokens_per_s'), f'{width}.1f')} {fmt(level.get('ttft_p50_ms'), '8.0f')} "
+        f"{fmt(level.get('ttft_p99_ms'), '6.0f')} {fmt(level.get('gap_p99_ms'), '7.0f')} "
+        f"{'-' if refused is None else refused:>7}"
+    )
+
+
+def print_rate_table(results: dict[str, Any]) -> None:
     """The open-loop levels: both servers at the same request rates (equal load), side by side."""
     glm = results.get("glm_serve", {}).get("at_rate", {})
     peer = results.get("peer", {}).get("at_rate", {})
@@ -973,13 +976,13 @@ def print_rate_table(results: dict[str, Any], figures: Callable[[dict[str, Any],
         "  open loop: Poisson arrivals at a fixed rate, the same arrival times for both servers (equal load)"
     )
     print(
-        f"  {'req/s':>7} | {'glm-serve tok/s':>15} {'TTFT p50':>8} {'p99':>6} {'gap p99':>7} {'non-200':>7} | "
-        f"{'peer tok/s':>10} {'TTFT p50':>8} {'p99':>6} {'gap p99':>7} {'non-200':>7} | {'peer/glm TTFT p50':>17}"
+        f"  {'req/s':>7} | {_server_columns('glm-serve', 15)} | {_server_columns('peer', 10)} | "
+        f"{'peer/glm TTFT p50':>17}"
     )
     for key in sorted(set(glm) | set(peer), key=lambda k: float(k[1:])):
         g, p = glm.get(key, {}), peer.get(key, {})
         print(
-            f"  {key[1:]:>7} | {figures(g, 15)} | {figures(p, 10)} | "
+            f"  {key[1:]:>7} | {_server_figures(g, 15)} | {_server_figures(p, 10)} | "
             f"{fmt(ratio(reported(p, 'ttft_p50_ms'), reported(g, 'ttft_p50_ms')), '17.2f')}"
         )
 
@@ -1119,8 +1122,9 @@ def main() -> int:
         return 0
     interrupt_on_sigterm()
     concurrencies = parse_numbers(args.concurrency, int)
+    rates = parse_numbers(args.rates, float)
     needed = max(requests_for(c, args.rounds, args.c1_requests) for c in concurrencies) + max(concurrencies)
-    if parse_numbers(args.rates, float):
+    if rates:
         needed = max(needed, args.rate_requests + WARM_CONNECTIONS)
     args.prompts = max(args.prompts, needed)
     if args.limit_child:
@@ -1151,7 +1155,7 @@ def main() -> int:
         "prompts": len(messages),
         "requests_per_level": {
             **{f"c{c}": requests_for(c, args.rounds, args.c1_requests) for c in concurrencies},
-            **{f"r{r:g}": args.rate_requests for r in parse_numbers(args.rates, float)},
+            **{f"r{r:g}": args.rate_requests for r in rates},
         },
         "glm_serve_env_overrides": env_overrides,
         "glm_serve_handle_transport": args.handle_transport or "the profile's",
