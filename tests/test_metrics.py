@@ -133,33 +133,46 @@ def _chat_limits() -> tuple[int, int]:
     return chat["max_num_seqs"], chat["deployment"]["max_ongoing_requests"]
 
 
+def _running_sequences(http: httpx.Client) -> int:
+    """As the chat replica itself reports it (GET /health): no metric report interval in between."""
+    status = http.get("/health").json()["deployments"][f"chat:{CHAT_MODEL}"]
+    return int(status.get("running_sequences", 0))
+
+
 def test_sequence_gauges_follow_the_running_batch_and_its_queue(
-    metrics_url: str, client: openai.OpenAI, parts: Any
+    metrics_url: str, http: httpx.Client, client: openai.OpenAI, parts: Any
 ) -> None:
     max_num_seqs, max_ongoing = _chat_limits()
     # More streams than the batch has slots (and no more than the replica admits): the rest wait in the engine.
-    streams = min(max_num_seqs + 16, max_ongoing)
-    # The waiting streams wait for the first ones to end, about 256 steps: half the queue deadline's 512 (a slow
-    # machine's steps are slower, and so is its deadline). Should one be refused anyway (503 + Retry-After), it is
-    # sent again, as the SDK does by default.
+    extra = min(8, max_ongoing - max_num_seqs)
+    assert extra >= 1, "the profile leaves the chat replica no room for a queue"
+    # Should one be refused anyway (503 + Retry-After), it is sent again, as the SDK does by default.
     patient = client.with_options(max_retries=3)
 
-    def long_stream(_: int) -> int:
+    def long_stream(max_tokens: int) -> int:
         reply = patient.chat.completions.create(
-            # End tokens banned, so each runs to max_tokens: long enough (~2-4 s at 32 streams here) that the
-            # queue outlives several of Ray's metric reports (1 s apart in the tests).
+            # End tokens banned, so each runs to max_tokens.
             model=CHAT_MODEL,
             messages=[{"role": "user", "content": "hi"}],
             temperature=0,
-            max_tokens=256,
+            max_tokens=max_tokens,
             stream=True,
             logit_bias={str(token): -100 for token in parts[2]},
         )
         return sum(1 for _ in reply)
 
     peak_active = peak_queued = 0.0
-    with ThreadPoolExecutor(streams) as pool:
-        load = [pool.submit(long_stream, i) for i in range(streams)]
+    with ThreadPoolExecutor(max_num_seqs + extra) as pool:
+        # A full batch first, and the extra streams only once the replica runs it: they then wait for a slot for
+        # most of its 512 steps (~4-8 s at 32 streams here), several of Ray's metric reports (1 s apart in the
+        # tests), however spread out the batch's own arrivals were. Sent all at once, the queue was sometimes
+        # never seen: the arrivals through the Serve proxy spread over more than a stream's length.
+        load = [pool.submit(long_stream, 512) for _ in range(max_num_seqs)]
+        deadline = time.monotonic() + DEADLINE_S
+        while _running_sequences(http) < max_num_seqs and not any(future.done() for future in load):
+            assert time.monotonic() < deadline, "the batch never filled"
+            time.sleep(0.1)
+        load += [pool.submit(long_stream, 16) for _ in range(extra)]
         while not all(future.done() for future in load):
             samples = _scrape(metrics_url)
             peak_active = max(peak_active, _total(samples, "running_sequences", model=CHAT_MODEL))
@@ -167,8 +180,7 @@ def test_sequence_gauges_follow_the_running_batch_and_its_queue(
             time.sleep(0.3)
         assert all(future.result() > 0 for future in load)
     assert 1 <= peak_active <= max_num_seqs
-    if streams > max_num_seqs:
-        assert peak_queued >= 1
+    assert peak_queued >= 1, f"running peaked at {peak_active}, queued never seen"
     # Once every stream has ended, both gauges come back to 0.
     idle = _poll(
         metrics_url,
