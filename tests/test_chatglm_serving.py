@@ -196,7 +196,7 @@ def _chat(url: str, model: str, messages: list[dict[str, Any]], stream: bool = F
 
 def test_served_greedy_continuations_match_while_other_streams_run(chatglm_url: str, native: Native) -> None:
     short, reference_greedy = _short_chat(native)
-    # Five of build_chat_input's conversations (the tool-calling one needs the tools path of the API).
+    # Five of build_chat_input's conversations (the tool-calling one: the next test, through `tools`).
     conversations = [chat_messages(c)[0] for c in tokenizer_reference()["chat_inputs"] if c["role"] == "user"]
     cases = [(short, False), (short, True), *((m, i % 2 == 0) for i, m in enumerate(conversations))]
     with ThreadPoolExecutor(len(cases)) as pool:
@@ -211,6 +211,48 @@ def test_served_greedy_continuations_match_while_other_streams_run(chatglm_url: 
         assert reply["completion_tokens"] == len(generated), (messages, streamed)
         assert reply["finish"] == ("stop" if ended else "length"), (messages, streamed)
         assert reply["text"] == native.reply_text(prompt_ids, generated), (messages, streamed)
+
+
+def test_an_openai_tool_conversation_reaches_chatglm3_as_its_own_turns(
+    chatglm_url: str, native: Native
+) -> None:
+    """build_chat_input's tool-calling conversation, as an OpenAI client sends it: `tools`, the assistant's call as
+    `tool_calls` (arguments as a JSON string), its result as a `tool` message. The served prompt is the original's
+    (its tokens count, and the model continues it as it continues the original's ids)."""
+    case = next(c for c in tokenizer_reference()["chat_inputs"] if c["role"] == "observation")
+    messages, tools = chat_messages(case)
+    assert tools is not None
+    system, user, call_turn, result = messages
+    arguments = json.dumps({"city_name": "北京"}, ensure_ascii=False)
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": call_turn["metadata"], "arguments": arguments},
+    }
+    body = {
+        "model": MODEL,
+        "messages": [
+            system,
+            user,
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": result["content"]},
+        ],
+        "tools": [{"type": "function", "function": tool} for tool in tools],
+        "max_tokens": 24,
+        "temperature": 0,
+    }
+    with httpx.Client(base_url=chatglm_url, timeout=120) as http:
+        response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    generated = native.greedy(case["input_ids"], 24)
+    assert response.json()["usage"] == {
+        "prompt_tokens": len(case["input_ids"]),
+        "completion_tokens": len(generated),
+        "total_tokens": len(case["input_ids"]) + len(generated),
+    }
+    # Random weights write no call: the reply is the text the original's ids continue with.
+    message = response.json()["choices"][0]["message"]
+    assert message["content"] == native.reply_text(case["input_ids"], generated).removeprefix("\n")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

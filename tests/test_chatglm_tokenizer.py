@@ -3,11 +3,14 @@ give the original prompts' ids, however the serving path tokenizes them."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from serve_app.chatglm.tokenizer import build_tokenizer
+from serve_app.protocol.openai_tools import ToolDefinition
+from serve_app.tools.parser import ToolCallParser
 from tests.chatglm_fixtures import TOKENIZER_MODEL, chat_messages, require_fixtures, tokenizer_reference
 
 GMASK, SOP, USER, ASSISTANT = 64790, 64792, 64795, 64796
@@ -92,6 +95,55 @@ def test_tools_in_a_system_message_or_as_openai_tools_render_alike(chatglm3: Any
     as_tool_role = [*messages[:-1], {"role": "tool", "content": messages[-1]["content"]}]
     assert _chat_ids(chatglm3, in_message) == case["input_ids"]
     assert _chat_ids(chatglm3, as_tool_role, openai_tools) == case["input_ids"]
+
+
+def test_an_openai_tool_call_in_the_history_renders_as_chatglm3s_own_call_turn(chatglm3: Any) -> None:
+    case = next(c for c in tokenizer_reference()["chat_inputs"] if c["role"] == "observation")
+    messages, tools = chat_messages(case)
+    call_turn = next(m for m in messages if m.get("metadata") == "get_weather")
+    assert call_turn["content"] == "```python\ntool_call(city_name='北京')\n```"  # the original's own turn
+    # As the serving path hands an OpenAI assistant message to the template: arguments as an object.
+    as_openai = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city_name": "北京"}},
+            }
+        ],
+    }
+    openai_messages = [as_openai if m is call_turn else m for m in messages]
+    assert _chat_ids(chatglm3, openai_messages, tools) == case["input_ids"]
+
+
+def test_tool_call_arguments_render_as_python_literals_the_parser_reads_back(chatglm3: Any) -> None:
+    arguments = {
+        "q": 'it\'s a "quote"\\ and\na newline',
+        "n": -2.5,
+        "on": True,
+        "off": False,
+        "none": None,
+        "nested": {"list": [1, True, None, "x"]},
+    }
+    call = {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": arguments}}
+    messages = [
+        {"role": "user", "content": "find"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+    ]
+    text = chatglm3.apply_chat_template(messages, tokenize=False)
+    turn = text.split("<|assistant|>")[1]
+    assert turn.startswith(
+        "search\n ```python\ntool_call(q='it\\'s a \"quote\"\\\\ and\\na newline', n=-2.5,"
+    )
+    parser = ToolCallParser(
+        [ToolDefinition.model_validate({"type": "function", "function": {"name": "search"}})]
+    )
+    parsed = parser.parse(turn)
+    assert parsed is not None and [(c.name, json.loads(c.arguments)) for c in parsed] == [
+        ("search", arguments)
+    ]
 
 
 def test_tools_without_a_system_message_get_chatglm3s_tool_system_turn(chatglm3: Any) -> None:

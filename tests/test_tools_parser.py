@@ -1,7 +1,8 @@
 """The tool-call parser and the streamed reply, in process, on the replies a model could write (hostile ones too).
 
-A reply is a call only if all of it is declared tools' names, each followed by JSON its schema accepts; anything
-else is the assistant's text. Nothing in a reply is ever run.
+A reply is a call only if all of it is declared tools' names, each followed by arguments its schema accepts (GLM-4's
+JSON object, or ChatGLM3's `tool_call(...)` block of literals); anything else is the assistant's text. Nothing in a
+reply is ever run.
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ VALID = [
         'get_weather\n{"city": "A"}get_time\n{"timezone": "B"}',
         [("get_weather", {"city": "A"}), ("get_time", {"timezone": "B"})],
     ),
+    # ChatGLM3's way, as it writes it (the content after its name line starts with a space).
+    ("get_weather\n ```python\ntool_call(city='北京')\n```", [("get_weather", {"city": "北京"})]),
+    (
+        'get_time\n```python\ntool_call(timezone="Asia/Tokyo")\n```\n',
+        [("get_time", {"timezone": "Asia/Tokyo"})],
+    ),
+    (
+        'get_weather\n```python\ntool_call(city=\'A\')\n```\nget_time\n{"timezone": "B"}',
+        [("get_weather", {"city": "A"}), ("get_time", {"timezone": "B"})],
+    ),
 ]
 
 HOSTILE = {
@@ -43,7 +54,17 @@ HOSTILE = {
     "python None": 'get_weather\n{"city": None}',
     "python True": 'get_time\n{"timezone": True}',
     "python call syntax": "get_weather\ndict(city='Paris')",
-    "chatglm3 tool_call": "get_weather\n```python\ntool_call(city='Paris')\n```",
+    "chatglm3: unclosed block": "get_weather\n```python\ntool_call(city='Paris')",
+    "chatglm3: another function": "get_weather\n```python\ndict(city='Paris')\n```",
+    "chatglm3: positional argument": "get_weather\n```python\ntool_call('Paris')\n```",
+    "chatglm3: **mapping": "get_weather\n```python\ntool_call(**{'city': 'Paris'})\n```",
+    "chatglm3: an expression": "get_weather\n```python\ntool_call(city='Par' + 'is')\n```",
+    "chatglm3: an f-string": "get_weather\n```python\ntool_call(city=f'{open(\"/etc/passwd\").read()}')\n```",
+    "chatglm3: a second statement": f"get_weather\n```python\ntool_call(city='Paris'); open('{PWNED}', 'w')\n```",
+    "chatglm3: code as a value": f"get_weather\n```python\ntool_call(city=__import__('os').system('touch {PWNED}'))\n```",
+    "chatglm3: a name as a value": "get_weather\n```python\ntool_call(city=Paris)\n```",
+    "chatglm3: schema: wrong type": "get_weather\n```python\ntool_call(city=7)\n```",
+    "chatglm3: syntax error": "get_weather\n```python\ntool_call(city='Paris'\n```",
     "eval would run it": f'get_weather\n__import__("os").system("touch {PWNED}")',
     "code inside the object": f'get_weather\n{{"city": __import__("os").system("touch {PWNED}")}}',
     "NaN": 'get_weather\n{"city": NaN}',
@@ -77,6 +98,33 @@ def test_anything_else_is_text_and_never_runs(text: str) -> None:
 def test_two_calls_without_parallel_calls_are_text() -> None:
     assert ToolCallParser(TOOLS, parallel=False).parse(VALID[2][0]) is None
     assert ToolCallParser(TOOLS, parallel=False).parse(VALID[0][0]) is not None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "{1, 2}",
+        "b'bytes'",
+        "1e999",
+        "-1e999",
+        "1j",
+        "...",
+        "{1: 'a'}",
+        "[x for x in 'ab']",
+        "(lambda: 0)",
+        "-'a'",
+    ],
+)
+def test_chatglm3_values_must_be_json_literals_even_without_a_schema(value: str) -> None:
+    free = ToolCallParser([ToolDefinition.model_validate({"type": "function", "function": {"name": "f"}})])
+    assert free.parse(f"f\n```python\ntool_call(a={value})\n```") is None
+    calls = free.parse("f\n```python\ntool_call(a=(1, -2.5), b={'k': [True, None]}, c=null, d=false)\n```")
+    assert calls is not None and json.loads(calls[0].arguments) == {
+        "a": [1, -2.5],
+        "b": {"k": [True, None]},
+        "c": None,
+        "d": False,
+    }
 
 
 def test_a_schema_jsonschema_cannot_read_still_needs_an_object() -> None:

@@ -16,12 +16,24 @@ CHATGLM3_TOOLS_SYSTEM = (
     "Answer the following questions as best as you can. You have access to the following tools:"
 )
 
+# A value in ChatGLM3's tool_call(...) block, as Python writes it: strings quoted (the quotes and the escapes that
+# matter), True / False / None; numbers, lists and dicts as JSON, whose names the tool-call parser also reads.
+_CHATGLM3_PYTHON_VALUE = (
+    "{%- macro python_value(value) -%}"
+    "{%- if value is string -%}"
+    r"""'{{ value | replace('\\', '\\\\') | replace("'", "\\'") | replace('\n', '\\n') | replace('\r', '\\r') }}'"""
+    "{%- elif value is sameas true -%}True{%- elif value is sameas false -%}False"
+    "{%- elif value is none -%}None{%- else -%}{{ value | tojson }}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
 # ChatGLM3: "[gMASK]<sop>", then per message "<|role|>{metadata}\n {content}", then "<|assistant|>".
 # Tools (OpenAI's {"type": "function", "function": {...}} or bare function dicts, from `tools=` or a system
 # message's own "tools") follow the first system message's content as JSON, indent 4, non-ASCII kept.
-# OpenAI's "tool" role is ChatGLM3's "observation".
+# OpenAI's "tool" role is ChatGLM3's "observation". An assistant message's OpenAI tool_calls are ChatGLM3's own
+# call turns, one per call: "<|assistant|>{name}\n ```python\ntool_call(key=value, ...)\n```".
 CHATGLM3_TEMPLATE = (
-    "{%- set ns = namespace(tools=[]) -%}"
+    _CHATGLM3_PYTHON_VALUE + "{%- set ns = namespace(tools=[]) -%}"
     "{%- for tool in (tools or []) -%}"
     "{%- set ns.tools = ns.tools + [tool.function if tool.function is defined else tool] -%}"
     "{%- endfor -%}"
@@ -39,8 +51,20 @@ CHATGLM3_TEMPLATE = (
     "{%- if role == 'system' and loop.first and (ns.tools or message_tools) -%}"
     "{%- set content = content ~ '\\n' ~ ((ns.tools + message_tools) | tojson(indent=4)) -%}"
     "{%- endif -%}"
+    "{%- set calls = message.tool_calls if role == 'assistant' and message.tool_calls is defined else none -%}"
+    "{%- if not calls or content -%}"
     "<|{{ role }}|>{{ message.metadata if message.metadata is defined and message.metadata else '' }}"
     "{{ '\\n' }}{% if content %} {{ content }}{% endif %}"
+    "{%- endif -%}"
+    "{%- for call in (calls or []) -%}"
+    "{%- set arguments = call.function.arguments -%}"
+    "<|assistant|>{{ call.function.name }}{{ '\\n' }} ```python{{ '\\n' }}"
+    "{%- if arguments is mapping -%}tool_call("
+    "{%- for key, value in arguments.items() -%}{{ ', ' if not loop.first }}{{ key }}={{ python_value(value) }}"
+    "{%- endfor -%})"
+    "{%- else -%}{{ arguments }}{%- endif -%}"
+    "{{ '\\n' }}```"
+    "{%- endfor -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )

@@ -1,15 +1,19 @@
-"""Reading tool calls out of a model's reply, GLM-4's way: data only, never code.
+"""Reading tool calls out of a model's reply, GLM-4's and ChatGLM3's ways: data only, never code.
 
-GLM-4's chat template ends the prompt with a bare `<|assistant|>`. The model then writes either a newline and its
-text, or a call: the function's name, a newline, and the arguments as a JSON object (several calls follow one
-another, each on its own lines). ChatGLM3's demo ran `eval` on such output; here a reply is a call only if every
-part of it is a declared tool's name followed by JSON that its `parameters` schema accepts. Anything else (a
-truncated object, an unknown name, Python literals, code) is the assistant's text, finished with "stop".
+Both chat templates end the prompt with a bare `<|assistant|>`. The model then writes either a newline and its
+text, or a call: the function's name, a newline, and the arguments. GLM-4 writes them as a JSON object; ChatGLM3
+as a Python block, "```python\ntool_call(city='Paris')\n```", which its demo ran with `eval`. Here the block is
+read as a syntax tree whose keyword values must all be literals (strings, numbers, booleans, None, lists, dicts):
+nothing in it is ever run. Several calls follow one another, each on its own lines. A reply is a call only if every
+part of it is a declared tool's name followed by arguments that its `parameters` schema accepts. Anything else (a
+truncated object, an unknown name, code) is the assistant's text, finished with "stop".
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -83,13 +87,14 @@ class ToolCallParser:
             if not text.startswith("\n", position):
                 return None
             start = _skip_blanks(text, position)
-            try:
-                arguments, position = _DECODER.raw_decode(text, start)
-            except ValueError:
+            read = _read_chatglm3_call if text.startswith(_CHATGLM3_OPEN, start) else _read_json_object
+            found = read(text, start)
+            if found is None:
                 return None
-            if not isinstance(arguments, dict) or not self._accepts(name_match.group(), arguments):
+            arguments, arguments_json, position = found
+            if not self._accepts(name_match.group(), arguments):
                 return None
-            calls.append(ParsedCall(name_match.group(), text[start:position]))  # the model's own JSON text
+            calls.append(ParsedCall(name_match.group(), arguments_json))
             position = _skip_blanks(text, position)  # calls are separated, and the reply may end, by blanks
         if not calls or (len(calls) > 1 and not self._parallel):
             return None
@@ -98,6 +103,74 @@ class ToolCallParser:
     def _accepts(self, name: str, arguments: dict[str, Any]) -> bool:
         validator = self._validators[name]
         return validator is None or validator.is_valid(arguments)
+
+
+def _read_json_object(text: str, start: int) -> tuple[dict[str, Any], str, int] | None:
+    """GLM-4's arguments: a JSON object, kept as the model's own text."""
+    try:
+        arguments, end = _DECODER.raw_decode(text, start)
+    except ValueError:
+        return None
+    if not isinstance(arguments, dict):
+        return None
+    return arguments, text[start:end], end
+
+
+_CHATGLM3_OPEN = "```python\n"
+_CHATGLM3_CLOSE = "\n```"
+# What ChatGLM3's own history turns hold (the chat template writes them so): JSON's names, for nested values.
+_JSON_NAMES = {"true": True, "false": False, "null": None}
+
+
+def _read_chatglm3_call(text: str, start: int) -> tuple[dict[str, Any], str, int] | None:
+    """ChatGLM3's arguments: `tool_call(name=literal, ...)` alone in a Python block, as JSON text."""
+    body = start + len(_CHATGLM3_OPEN)
+    close = text.find(_CHATGLM3_CLOSE, body)
+    if close < 0:
+        return None
+    try:
+        tree = ast.parse(text[body:close].strip(), mode="eval").body
+        if not (
+            isinstance(tree, ast.Call)
+            and isinstance(tree.func, ast.Name)
+            and tree.func.id == "tool_call"
+            and not tree.args
+        ):
+            return None
+        arguments: dict[str, Any] = {}
+        for keyword in tree.keywords:
+            if keyword.arg is None:  # **mapping
+                return None
+            arguments[keyword.arg] = _literal(keyword.value)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    return arguments, json.dumps(arguments, ensure_ascii=False), close + len(_CHATGLM3_CLOSE)
+
+
+def _literal(node: ast.expr) -> Any:
+    """The JSON value a literal node writes; ValueError for anything else (names, calls, operators, sets...)."""
+    if isinstance(node, ast.Constant) and (
+        node.value is None or isinstance(node.value, (str, bool, int, float))
+    ):
+        if isinstance(node.value, float) and not math.isfinite(node.value):  # 1e999: not JSON
+            raise ValueError("not a finite number")
+        return node.value
+    if (
+        isinstance(node, ast.UnaryOp)
+        and isinstance(node.op, ast.USub)
+        and isinstance(node.operand, ast.Constant)
+        and type(node.operand.value) in (int, float)
+    ):
+        return -_literal(node.operand)
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(element) for element in node.elts]
+    if isinstance(node, ast.Dict):
+        if not all(isinstance(key, ast.Constant) and isinstance(key.value, str) for key in node.keys):
+            raise ValueError("a dict key that is not a string")  # a None key is **mapping
+        return {key.value: _literal(value) for key, value in zip(node.keys, node.values)}  # type: ignore[union-attr]
+    if isinstance(node, ast.Name) and node.id in _JSON_NAMES:
+        return _JSON_NAMES[node.id]
+    raise ValueError(f"not a literal: {ast.dump(node)[:40]}")
 
 
 def _skip_blanks(text: str, position: int) -> int:
