@@ -152,7 +152,7 @@ def test_logprobs_are_the_models_and_rank_the_alternatives(
     best = torch.topk(next_token_probs, 5)
     assert entry.token == tokenizer.decode([int(best.indices[0])])
     assert entry.logprob == pytest.approx(float(torch.log(best.values[0])), abs=1e-4)
-    assert [logprob for _, logprob in entry.top] == pytest.approx(torch.log(best.values).tolist(), abs=1e-4)
+    assert [top.logprob for top in entry.top] == pytest.approx(torch.log(best.values).tolist(), abs=1e-4)
 
 
 def test_both_engines_sample_the_same_text_for_the_same_seed(

@@ -22,18 +22,29 @@ def _chat(client: openai.OpenAI, **options: Any) -> Any:
     return client.chat.completions.create(model=MODEL, messages=HELLO, **{"max_tokens": 12, **options})
 
 
-def test_logprobs_and_top_logprobs(client: openai.OpenAI) -> None:
-    reply = _chat(client, temperature=0, logprobs=True, top_logprobs=3)
+def test_logprobs_and_top_logprobs(client: openai.OpenAI, parts: Any) -> None:
+    reply = _chat(client, temperature=0, logprobs=True, top_logprobs=20, max_tokens=32)
     choice = reply.choices[0]
     entries = choice.logprobs.content
     # One per generated token (an end token included when the reply ended on one).
     assert reply.usage.completion_tokens == len(entries)
-    # A token that holds part of a character reads as U+FFFD alone; up to the first one, the tokens spell the text.
-    joined = "".join(entry.token for entry in entries)
-    assert choice.message.content.startswith(joined.split("\ufffd")[0]) and joined.split("\ufffd")[0]
+    # The text tokens' bytes, joined, are the reply (bytes that never form a character are dropped from it).
+    control = {token.content for token in parts[1].added_tokens_decoder.values()}
+    joined = b"".join(bytes(entry.bytes) for entry in entries if entry.token not in control)
+    assert joined.decode("utf-8", "replace").replace("\ufffd", "") == choice.message.content
+    # A token that holds part of a character (the tiny model's byte tokens) reads as U+FFFD alone; its bytes
+    # are the part it holds, not U+FFFD's.
+    tops = [top for entry in entries for top in entry.top_logprobs]
+    parts_of_characters = [top for top in tops if top.token == "\ufffd"]
+    assert parts_of_characters
+    for top in parts_of_characters:
+        with pytest.raises(UnicodeDecodeError):
+            bytes(top.bytes).decode()
+    for entry in [*entries, *tops]:
+        if "\ufffd" not in entry.token:
+            assert entry.bytes == list(entry.token.encode())
     for entry in entries:
-        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
-        assert entry.bytes == list(entry.token.encode())
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 20
         assert [top.logprob for top in entry.top_logprobs] == sorted(
             (top.logprob for top in entry.top_logprobs), reverse=True
         )

@@ -6,6 +6,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from deployments.chat_engine.text_output import StopStringMatcher, TextOutput
+from deployments.chat_engine.token_bytes import TokenSpeller
+from serve_app.chatglm.tokenizer import build_tokenizer
+from tests.chatglm_fixtures import TOKENIZER_MODEL, require_fixtures
 
 TRICKY = "Hi 😀🚀 你好，世界！ 👍🏽 ❤️ naïve café — 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ok"
 
@@ -57,3 +60,25 @@ def test_held_text_that_is_not_a_stop_is_released() -> None:
     first, _ = matcher.feed("Hello E")
     second, stopped = matcher.feed("ggs")
     assert first == "Hello " and second == "Eggs" and not stopped
+
+
+def test_token_bytes_join_into_the_texts_utf8_where_tokens_split_characters(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    ids = tokenizer.encode(TRICKY, add_special_tokens=False)
+    speller = TokenSpeller(tokenizer)
+    spelled = [speller.spell(i) for i in ids]
+    assert any(text == "\ufffd" for text, _ in spelled)  # decoded alone, a part of a character says nothing
+    assert b"".join(token_bytes for _, token_bytes in spelled) == TRICKY.encode()
+    # A control token is its own text.
+    assert speller.spell(tokenizer.convert_tokens_to_ids("<|user|>")) == ("<|user|>", b"<|user|>")
+
+
+def test_sentencepiece_token_bytes_keep_spaces_and_byte_pieces() -> None:
+    require_fixtures()
+    chatglm3 = build_tokenizer(TOKENIZER_MODEL, "chatglm3", 8192)
+    ids = chatglm3.encode(TRICKY, add_special_tokens=False)
+    speller = TokenSpeller(chatglm3)
+    assert any(
+        piece.startswith("<0x") for piece in chatglm3.convert_ids_to_tokens(ids)
+    )  # bytes without a piece
+    # SentencePiece writes the text's leading space (its dummy prefix) as the first piece's `▁`.
+    assert b"".join(speller.spell(i)[1] for i in ids) == b" " + TRICKY.encode()

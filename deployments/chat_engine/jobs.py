@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 
 from deployments.chat_engine.sampling import RowSampler
 from deployments.chat_engine.sequence import Sequence
+from deployments.chat_engine.token_bytes import TokenSpeller
 from deployments.queue_deadline import QueueDeadline
 from serve_app.errors import ServiceUnavailable
 from serve_app.protocol.engine import GenerateRequest, GenerationChunk, GenerationDefaults
@@ -139,6 +140,7 @@ class Engine:
         self.queue_deadline = queue_deadline or QueueDeadline()
         self._defaults = defaults
         self._grammar_tokenizer: Any = None
+        self._speller: TokenSpeller | None = None
         # Why the engine can no longer serve (set by its worker); then every request is refused and the health
         # check fails until Serve replaces the replica.
         self.broken: str | None = None
@@ -189,7 +191,11 @@ class Engine:
                 self._grammar_tokenizer = grammar_tokenizer(self._tokenizer)
             constraint = GrammarConstraint(params.grammar, self._grammar_tokenizer)
         sampler = RowSampler(params, job.request.prompt_token_ids, vocab_size, self._model.device, constraint)
-        return Sequence(job, sampler, self._tokenizer, self._end_ids)
+        if params.logprobs and self._speller is None:  # once per replica, on first use
+            self._speller = TokenSpeller(self._tokenizer)
+        return Sequence(
+            job, sampler, self._tokenizer, self._end_ids, self._speller if params.logprobs else None
+        )
 
     def check_alive(self) -> None:
         """Raise if the engine can no longer serve (for the replica's health check)."""

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from deployments.chat_engine.sampling import Choice, RowSampler
 from deployments.chat_engine.text_output import TextOutput
+from deployments.chat_engine.token_bytes import TokenSpeller
 from serve_app.protocol.engine import FinishReason, GenerationChunk, TokenLogprob
 
 if TYPE_CHECKING:
@@ -16,11 +17,18 @@ class Sequence:
     """A request's sampler, its text, and where it stands. `accept` takes each chosen token; once `done`, the
     finishing chunk has been emitted and the sequence takes nothing more."""
 
-    def __init__(self, job: Job, sampler: RowSampler, tokenizer: Any, end_ids: frozenset[int]) -> None:
+    def __init__(
+        self,
+        job: Job,
+        sampler: RowSampler,
+        tokenizer: Any,
+        end_ids: frozenset[int],
+        speller: TokenSpeller | None = None,
+    ) -> None:
         request = job.request
         self.job = job
         self.sampler = sampler
-        self._tokenizer = tokenizer
+        self._speller = speller
         self._output = TextOutput(tokenizer, request.prompt_token_ids, request.sampling.stop)
         self._end_ids = end_ids
         self._logprobs: list[TokenLogprob] | None = [] if request.sampling.logprobs else None
@@ -30,7 +38,7 @@ class Sequence:
 
     @property
     def stopped(self) -> bool:
-        """A stop string or the grammar's end was reached: the text is complete (for `generate`'s criteria)."""
+        """A stop string or the grammar's end was reached: the text is complete."""
         return self._output.stopped or self.sampler.complete
 
     def accept(self, choice: Choice) -> None:
@@ -70,8 +78,10 @@ class Sequence:
 
     def _token_logprob(self, choice: Choice) -> TokenLogprob:
         assert choice.logprob is not None
-        top = tuple((self._token_text(token), logprob) for token, logprob in choice.top)
-        return TokenLogprob(self._token_text(choice.token), choice.logprob, top)
+        top = tuple(self._spelled(token, logprob) for token, logprob in choice.top)
+        return self._spelled(choice.token, choice.logprob, top)
 
-    def _token_text(self, token: int) -> str:
-        return str(self._tokenizer.decode([token], skip_special_tokens=False))
+    def _spelled(self, token: int, logprob: float, top: tuple[TokenLogprob, ...] = ()) -> TokenLogprob:
+        assert self._speller is not None  # given whenever the request asks for logprobs
+        text, token_bytes = self._speller.spell(token)
+        return TokenLogprob(text, logprob, token_bytes, top)

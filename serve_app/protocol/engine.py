@@ -84,11 +84,13 @@ class GenerateRequest:
 @dataclass(frozen=True)
 class TokenLogprob:
     """One generated token's log-probability under the model (before sampling parameters), with the `top`
-    most likely alternatives at that position (most likely first), as OpenAI's `logprobs.content` entries."""
+    most likely alternatives at that position (most likely first), as OpenAI's `logprobs.content` entries.
+    `token` is its text decoded alone (U+FFFD for a part of a character); `token_bytes` the bytes it holds."""
 
     token: str
     logprob: float
-    top: tuple[tuple[str, float], ...] = ()
+    token_bytes: bytes
+    top: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass

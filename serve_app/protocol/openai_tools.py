@@ -105,7 +105,9 @@ class ToolCallDelta(BaseModel):
 class TopLogprob(BaseModel):
     token: str
     logprob: float
-    bytes: list[int] | None = None  # the token's UTF-8 bytes: a token may hold part of a character
+    bytes: list[int] | None = (
+        None  # the bytes the token holds (part of a character's UTF-8, maybe): join to read
+    )
 
 
 class TokenLogprobInfo(TopLogprob):

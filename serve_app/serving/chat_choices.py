@@ -30,15 +30,14 @@ from serve_app.tools.parser import ToolCallParser, new_call_id, text_reply
 from serve_app.tools.streaming import ToolReplyStream, call_deltas
 
 
-def _top(token: str, logprob: float) -> TopLogprob:
-    return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8", "surrogatepass")))
+def _top(item: TokenLogprob) -> TopLogprob:
+    return TopLogprob(token=item.token, logprob=item.logprob, bytes=list(item.token_bytes))
 
 
 def logprob_infos(items: Sequence[TokenLogprob], top_logprobs: int) -> list[TokenLogprobInfo]:
     return [
         TokenLogprobInfo(
-            **_top(item.token, item.logprob).model_dump(),
-            top_logprobs=[_top(token, logprob) for token, logprob in item.top[:top_logprobs]],
+            **_top(item).model_dump(), top_logprobs=[_top(top) for top in item.top[:top_logprobs]]
         )
         for item in items
     ]
