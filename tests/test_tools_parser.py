@@ -64,6 +64,7 @@ HOSTILE = {
     "chatglm3: code as a value": f"get_weather\n```python\ntool_call(city=__import__('os').system('touch {PWNED}'))\n```",
     "chatglm3: a name as a value": "get_weather\n```python\ntool_call(city=Paris)\n```",
     "chatglm3: schema: wrong type": "get_weather\n```python\ntool_call(city=7)\n```",
+    "chatglm3: a lone surrogate": "get_weather\n```python\ntool_call(city='\\ud800')\n```",
     "chatglm3: syntax error": "get_weather\n```python\ntool_call(city='Paris'\n```",
     "eval would run it": f'get_weather\n__import__("os").system("touch {PWNED}")',
     "code inside the object": f'get_weather\n{{"city": __import__("os").system("touch {PWNED}")}}',
@@ -113,6 +114,8 @@ def test_two_calls_without_parallel_calls_are_text() -> None:
         "[x for x in 'ab']",
         "(lambda: 0)",
         "-'a'",
+        "'\\ud800'",
+        "{'\\udfff': 1}",
     ],
 )
 def test_chatglm3_values_must_be_json_literals_even_without_a_schema(value: str) -> None:

@@ -149,9 +149,9 @@ def _read_chatglm3_call(text: str, start: int) -> tuple[dict[str, Any], str, int
 
 def _literal(node: ast.expr) -> Any:
     """The JSON value a literal node writes; ValueError for anything else (names, calls, operators, sets...)."""
-    if isinstance(node, ast.Constant) and (
-        node.value is None or isinstance(node.value, (str, bool, int, float))
-    ):
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return _text(node.value)
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (bool, int, float))):
         if isinstance(node.value, float) and not math.isfinite(node.value):  # 1e999: not JSON
             raise ValueError("not a finite number")
         return node.value
@@ -167,10 +167,19 @@ def _literal(node: ast.expr) -> Any:
     if isinstance(node, ast.Dict):
         if not all(isinstance(key, ast.Constant) and isinstance(key.value, str) for key in node.keys):
             raise ValueError("a dict key that is not a string")  # a None key is **mapping
-        return {key.value: _literal(value) for key, value in zip(node.keys, node.values)}  # type: ignore[union-attr]
+        return {_text(key.value): _literal(value) for key, value in zip(node.keys, node.values)}  # type: ignore[union-attr]
     if isinstance(node, ast.Name) and node.id in _JSON_NAMES:
         return _JSON_NAMES[node.id]
     raise ValueError(f"not a literal: {ast.dump(node)[:40]}")
+
+
+def _text(value: str) -> str:
+    """A string that is text: Python's escapes can write a lone surrogate, which no answer can carry."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("a lone surrogate") from exc
+    return value
 
 
 def _skip_blanks(text: str, position: int) -> int:
