@@ -11,10 +11,13 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from serve_app.protocol.openai_tools import ToolDefinition
+from serve_app.protocol.openai_tools import FunctionCall, ToolDefinition
 from serve_app.tools.parser import ToolCallParser, text_reply
 from serve_app.tools.streaming import ToolReplyStream, call_deltas
+from tests.hostile import SETTINGS
 from tests.tool_model import WEATHER_TOOLS
 
 TOOLS = [ToolDefinition.model_validate(tool) for tool in WEATHER_TOOLS]
@@ -128,6 +131,47 @@ def test_chatglm3_values_must_be_json_literals_even_without_a_schema(value: str)
         "c": None,
         "d": False,
     }
+
+
+# What a model may write inside ChatGLM3's block: keywords with Python literals (escapes of every kind in their
+# strings, numbers JSON cannot hold, containers), JSON's names, and text that is no Python at all.
+_ESCAPES = st.sampled_from(
+    ["\\ud83d", "\\udfff", "\\x00", "\\n", "\\\\", "\\U0001f600", "\\N{SNOWMAN}", "\\777"]
+)
+_STRING = st.lists(st.one_of(st.text(max_size=3), _ESCAPES), max_size=4).map(
+    lambda parts: f"'{''.join(parts)}'"
+)
+_SCALAR = st.one_of(
+    _STRING,
+    st.sampled_from(
+        ["1", "-2.5", "1e999", "-0", "0x1F", "1_000", "10**400", "None", "True", "null", "x", "..."]
+    ),
+)
+_VALUE = st.recursive(
+    _SCALAR,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3).map(lambda items: f"[{', '.join(items)}]"),
+        st.lists(st.tuples(_STRING, inner), max_size=3).map(
+            lambda pairs: "{" + ", ".join(f"{key}: {value}" for key, value in pairs) + "}"
+        ),
+    ),
+    max_leaves=6,
+)
+_KEYWORDS = st.lists(st.tuples(st.sampled_from(["a", "b", "city"]), _VALUE), max_size=3).map(
+    lambda keywords: ", ".join(f"{name}={value}" for name, value in keywords)
+)
+
+
+@SETTINGS
+@given(arguments=st.one_of(_KEYWORDS, st.text(max_size=40)))
+def test_any_chatglm3_block_is_a_call_the_answer_can_carry_or_text(arguments: str) -> None:
+    free = ToolCallParser([ToolDefinition.model_validate({"type": "function", "function": {"name": "f"}})])
+    calls = free.parse(f"f\n```python\ntool_call({arguments})\n```")
+    for call in calls or []:
+        FunctionCall(
+            name=call.name, arguments=call.arguments
+        )  # what the answer is built from: it must validate
+        assert isinstance(json.loads(call.arguments), dict)
 
 
 def test_a_schema_jsonschema_cannot_read_still_needs_an_object() -> None:

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +130,11 @@ def _read_chatglm3_call(text: str, start: int) -> tuple[dict[str, Any], str, int
     if close < 0:
         return None
     try:
-        tree = ast.parse(text[body:close].strip(), mode="eval").body
+        with (
+            warnings.catch_warnings()
+        ):  # the model's invalid escapes ('\q') are its text's business, not the log's
+            warnings.simplefilter("ignore")
+            tree = ast.parse(text[body:close].strip(), mode="eval").body
         if not (
             isinstance(tree, ast.Call)
             and isinstance(tree.func, ast.Name)
