@@ -130,9 +130,8 @@ def _read_chatglm3_call(text: str, start: int) -> tuple[dict[str, Any], str, int
     if close < 0:
         return None
     try:
-        with (
-            warnings.catch_warnings()
-        ):  # the model's invalid escapes ('\q') are its text's business, not the log's
+        # A reply's invalid escapes ('\q') are its text's business, not the log's.
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tree = ast.parse(text[body:close].strip(), mode="eval").body
         if not (
