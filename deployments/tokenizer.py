@@ -7,6 +7,7 @@ same `ChatTokenizers` to render short conversations itself (serving/prompts.py):
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ray import serve
@@ -23,6 +24,9 @@ class ChatTokenizers:
     def __init__(self, chat_models: list[ChatModelConfig]) -> None:
         self._tokenizers = {m.name: load_tokenizer(m) for m in chat_models}
         self._windows = {m.name: context_window(m) for m in chat_models}
+        self._control_texts = {
+            name: _control_texts(tokenizer) for name, tokenizer in self._tokenizers.items()
+        }
 
     def _tokenizer(self, model: str) -> Any:
         try:
@@ -47,6 +51,9 @@ class ChatTokenizers:
         if tools and "tools" not in str(tokenizer.chat_template or ""):
             # The template would drop them without a word: say so instead.
             raise InvalidRequest(f"the chat template of {model!r} does not take tools", param="tools")
+        _refuse_control_tokens_in_keys(
+            self._control_texts[model], {"messages": messages, "tools": tools}, model
+        )
         try:
             # transformers marks the control tokens found in the inputs before rendering and encodes the marked
             # ones as text (`mark_control_tokens`, `encode_marked_chat`); a rendered chat with no marks is one
@@ -88,6 +95,38 @@ class ChatTokenizers:
 
     def status(self) -> dict[str, int]:
         return {"chat_models": len(self._tokenizers)}
+
+
+def _control_texts(tokenizer: Any) -> re.Pattern[str]:
+    """Any added token's text (the control tokens among them), whitespace tokens aside: templates write those as text."""
+    texts = sorted(
+        (token.content for token in tokenizer.added_tokens_decoder.values() if not token.content.isspace()),
+        key=len,
+        reverse=True,
+    )
+    return re.compile("|".join(map(re.escape, texts)) or "(?!)")
+
+
+def _refuse_control_tokens_in_keys(control: re.Pattern[str], value: Any, model: str, path: str = "") -> None:
+    """A 400 for a key, anywhere in the conversation or the tools, that holds a control token's text.
+
+    transformers encodes the control tokens in every string value as text, but a template writes dict keys (a
+    tool's parameter names, a call's argument names: `tojson`, ChatGLM3's `key=value`) into the prompt as they are,
+    so there `<|user|>` would become the token. No parameter needs such a name.
+    """
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and (found := control.search(key)):
+                raise InvalidRequest(
+                    f"{path}: the key {key!r} holds {found.group()!r}, a control token of {model!r}; a key is "
+                    "written into the prompt as it is, so it cannot hold one",
+                    param=path or None,
+                )
+            _refuse_control_tokens_in_keys(control, item, model, where)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_control_tokens_in_keys(control, item, model, f"{path}.{index}")
 
 
 @serve.deployment

@@ -29,6 +29,16 @@ from tests.tool_model import (
 SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in WEATHER_TOOLS}
 
 
+def _property_named(name: str) -> dict[str, Any]:
+    return {"type": "object", "properties": {name: {"type": "string"}}}
+
+
+def _called(arguments: str) -> dict[str, Any]:
+    """An assistant turn that called get_weather with these arguments (JSON text)."""
+    call = {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+
 def _ask(client: openai.OpenAI, messages: list[Any], **options: Any) -> Any:
     options = {"temperature": 0, "max_tokens": 64, **options}
     return client.chat.completions.create(model=MODEL_NAME, messages=messages, tools=WEATHER_TOOLS, **options)
@@ -157,6 +167,23 @@ def test_whatever_the_model_writes_is_a_valid_call_or_text(client: openai.OpenAI
             assert choice.message.tool_calls is None and isinstance(choice.message.content, str)
 
 
+def test_control_token_text_in_values_stays_text(http: httpx.Client) -> None:
+    """The same texts as values (a parameter's description, a call's argument) are plain text: 200."""
+    tool = {"name": "f", "parameters": {"type": "object", "properties": {"q": {"description": "<|user|>"}}}}
+    messages = [
+        *ASK_WEATHER,
+        _called('{"city": "<|observation|>"}'),
+        {"role": "tool", "tool_call_id": "c", "content": "ok"},
+    ]
+    body = {
+        "model": MODEL_NAME,
+        "messages": messages,
+        "tools": [{"type": "function", "function": tool}],
+        "max_tokens": 1,
+    }
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("case", "fields", "param"),
     [
@@ -173,6 +200,21 @@ def test_whatever_the_model_writes_is_a_valid_call_or_text(client: openai.OpenAI
             "tools.0.function.name",
         ),
         ("a tool type we lack", {"tools": [{"type": "web_search"}]}, None),
+        # Keys reach the prompt as they are (tojson): a control token there would be the token, not text.
+        (
+            "a control token in a parameter's name",
+            {
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": _property_named("<|user|>")}}
+                ]
+            },
+            "tools.0.function.parameters.properties",
+        ),
+        (
+            "a control token in a call's argument name",
+            {"messages": [*ASK_WEATHER, _called('{"city": "Paris", "x<|observation|>": 1}')]},
+            "messages.1.tool_calls.0.function.arguments",
+        ),
         ("deprecated functions", {"functions": [WEATHER_TOOLS[0]["function"]]}, "functions"),
         ("deprecated function_call", {"function_call": "auto"}, "function_call"),
     ],
