@@ -267,7 +267,7 @@ def test_a_chatglm3_reply_ends_at_user_and_never_contains_it(
     assert reply["text"]  # it wrote something before ending its turn
 
 
-@pytest.mark.parametrize("route", ["openai", "glm_api", "web_demo"])
+@pytest.mark.parametrize("route", ["openai", "openai_tools", "glm_api", "web_demo"])
 def test_client_text_never_becomes_a_chatglm3_control_token(
     chatglm_url: str, native: Native, route: str
 ) -> None:
@@ -276,15 +276,17 @@ def test_client_text_never_becomes_a_chatglm3_control_token(
     from hypothesis import strategies as st
 
     from tests.hostile import SETTINGS
-    from tests.test_control_tokens import CONVERSATIONS, ChatModel, _hostile_text
+    from tests.test_control_tokens import CONVERSATIONS, ChatModel, _hostile_text, tool_conversation
 
     tokenizer = native.tokenizer
     texts = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.chat_control_tokens or []))
     model = ChatModel(MODEL, tokenizer, texts, frozenset(tokenizer.convert_tokens_to_ids(texts)), False)
-    build = CONVERSATIONS[route]
+    # The tools route: tool definitions, a call (ChatGLM3's own key=value turn) and its result.
+    build = tool_conversation if route == "openai_tools" else lambda text: (CONVERSATIONS[route](text), None)
 
-    def tokenize(http: httpx.Client, messages: list[dict[str, Any]]) -> list[int]:
-        response = http.post("/tokenize", json={"model": MODEL, "messages": messages})
+    def tokenize(http: httpx.Client, conversation: tuple[list[dict[str, Any]], Any]) -> list[int]:
+        messages, tools = conversation
+        response = http.post("/tokenize", json={"model": MODEL, "messages": messages, "tools": tools})
         assert response.status_code == 200, response.text
         return list(response.json()["tokens"])
 

@@ -8,6 +8,7 @@ control token's text in it tokenizes exactly as the one-pass encode of the rende
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -104,8 +105,28 @@ def _web_demo_messages(text: Callable[[], str]) -> list[dict[str, Any]]:
 CONVERSATIONS = {"openai": _openai_messages, "glm_api": _glm_api_messages, "web_demo": _web_demo_messages}
 
 
-def _tokenize(http: httpx.Client, model: str, messages: list[dict[str, Any]]) -> list[int]:
-    response = http.post("/tokenize", json={"model": model, "messages": messages})
+def tool_conversation(text: Callable[[], str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A tool-calling conversation and its tools, every string value (not the names a call must match) from `text()`."""
+    city = {"type": "string", "description": text(), "enum": [text(), text()], "default": text()}
+    function = {
+        "name": "get_weather",
+        "description": text(),
+        "parameters": {"type": "object", "properties": {"city": city}},
+    }
+    arguments = json.dumps({"city": text(), "note": [text(), {"deep": text()}]})
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": text()},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": text()},
+    ]
+    return messages, [{"type": "function", "function": function}]
+
+
+def _tokenize(
+    http: httpx.Client, model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    response = http.post("/tokenize", json={"model": model, "messages": messages, "tools": tools})
     assert response.status_code == 200, response.text
     tokens: list[int] = response.json()["tokens"]
     return tokens
@@ -141,6 +162,25 @@ def test_client_text_never_becomes_a_control_token(
                 _template_view(hostile), add_generation_prompt=True, tokenize=False
             )
             assert chat_model.tokenizer.decode(tokens, skip_special_tokens=False) == rendered
+
+    check()
+
+
+def test_client_text_in_tools_and_tool_calls_never_becomes_a_control_token(http: httpx.Client) -> None:
+    """Tool definitions, a call's arguments and a tool's result, on tiny-glm-tools (GLM-4's tool layout: `tojson`)."""
+    from tests.tool_model import MODEL_NAME, ensure_tool_model
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tool_model())
+    texts = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.chat_control_tokens or []))
+    ids = frozenset(cast(list[int], tokenizer.convert_tokens_to_ids(texts)))
+    model = ChatModel(MODEL_NAME, tokenizer, texts, ids, True)
+    plain = _tokenize(http, MODEL_NAME, *tool_conversation(lambda: "plain"))
+
+    @SETTINGS
+    @given(st.data())
+    def check(data: st.DataObject) -> None:
+        hostile = _tokenize(http, MODEL_NAME, *tool_conversation(lambda: data.draw(_hostile_text(model))))
+        assert model.control_sequence(hostile) == model.control_sequence(plain)
 
     check()
 

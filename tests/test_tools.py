@@ -167,6 +167,21 @@ def test_whatever_the_model_writes_is_a_valid_call_or_text(client: openai.OpenAI
             assert choice.message.tool_calls is None and isinstance(choice.message.content, str)
 
 
+def test_tokenize_with_tools_counts_the_chat_requests_prompt(
+    http: httpx.Client, client: openai.OpenAI
+) -> None:
+    reply = _ask(client, ASK_WEATHER, max_tokens=1)
+    with_tools = http.post(
+        "/tokenize", json={"model": MODEL_NAME, "messages": ASK_WEATHER, "tools": WEATHER_TOOLS}
+    )
+    assert with_tools.status_code == 200, with_tools.text
+    assert with_tools.json()["count"] == reply.usage.prompt_tokens
+    without = http.post("/tokenize", json={"model": MODEL_NAME, "messages": ASK_WEATHER}).json()["count"]
+    assert without < reply.usage.prompt_tokens  # the tools are in the prompt
+    raw = http.post("/tokenize", json={"model": MODEL_NAME, "prompt": "hi", "tools": WEATHER_TOOLS})
+    assert raw.status_code == 400 and "tools" in raw.json()["error"]["message"]
+
+
 def test_control_token_text_in_values_stays_text(http: httpx.Client) -> None:
     """The same texts as values (a parameter's description, a call's argument) are plain text: 200."""
     tool = {"name": "f", "parameters": {"type": "object", "properties": {"q": {"description": "<|user|>"}}}}

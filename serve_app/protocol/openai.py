@@ -36,6 +36,7 @@ from serve_app.protocol.openai_tools import (
     ToolCallDelta,
     ToolChoice,
     ToolDefinition,
+    Tools,
 )
 
 # Choices per request: each is a sequence of its own in the batch.
@@ -124,7 +125,7 @@ class ChatCompletionRequest(StrictRequest):
     stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)] = None
-    tools: list[ToolDefinition] | None = None
+    tools: Tools | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
@@ -146,14 +147,6 @@ class ChatCompletionRequest(StrictRequest):
         stops = [value] if isinstance(value, str) else value or []
         if any(stop == "" for stop in stops):
             raise ValueError("stop strings must not be empty")
-        return value
-
-    @field_validator("tools")
-    @classmethod
-    def _distinct_tool_names(cls, value: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
-        names = [tool.function.name for tool in value or []]
-        if len(set(names)) != len(names):
-            raise ValueError("tool names must be distinct")
         return value
 
     @model_validator(mode="after")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from serve_app.protocol.bounds import Text
 
@@ -31,6 +31,17 @@ class FunctionDefinition(StrictRequest):
 class ToolDefinition(StrictRequest):
     type: Literal["function"]
     function: FunctionDefinition
+
+
+def _distinct_names(tools: list[ToolDefinition]) -> list[ToolDefinition]:
+    names = [tool.function.name for tool in tools]
+    if len(set(names)) != len(names):
+        raise ValueError("tool names must be distinct")
+    return tools
+
+
+# A request's `tools`: a call names its function, so no two may share a name.
+Tools = Annotated[list[ToolDefinition], AfterValidator(_distinct_names)]
 
 
 class FunctionName(StrictRequest):

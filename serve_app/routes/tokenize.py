@@ -1,6 +1,6 @@
 """POST /tokenize in two dialects, told apart by the body, and vLLM-style POST /detokenize.
 
-vLLM's body is `{model, prompt | messages, add_special_tokens}` → `{tokens, count, max_model_len}`; GLM-API's
+vLLM's body is `{model, prompt | messages (+ tools), add_special_tokens}` → `{tokens, count, max_model_len}`; GLM-API's
 (seed 000) is `{prompt, max_tokens}` → `{tokenIds, tokens, model, object}`. A body with `max_tokens` and no
 `messages` is GLM-API's; every other body is vLLM's.
 """
@@ -24,6 +24,7 @@ from serve_app.protocol.tokenize import (
 )
 from serve_app.registry import ModelRegistry
 from serve_app.routes import deps
+from serve_app.tools.prompts import template_tools
 
 router = APIRouter(tags=["tokenizer"], route_class=ServingRoute, responses=OPENAI_ERROR_RESPONSES)
 
@@ -66,7 +67,8 @@ async def tokenize(
     if request.messages is not None:
         messages = [m.for_template() for m in request.messages]
         check_chat_messages(limits, [m["content"] for m in messages])
-        prompt = await registry.prompts.render(model, messages, request.add_generation_prompt)
+        tools = template_tools(request.tools or [])
+        prompt = await registry.prompts.render(model, messages, request.add_generation_prompt, tools)
     else:
         check_prompt(limits, request.prompt)
         prompt = await registry.tokenizer.encode.remote(model, request.prompt, request.add_special_tokens)
