@@ -24,8 +24,8 @@ class ChatTokenizers:
     def __init__(self, chat_models: list[ChatModelConfig]) -> None:
         self._tokenizers = {m.name: load_tokenizer(m) for m in chat_models}
         self._windows = {m.name: context_window(m) for m in chat_models}
-        self._control_texts = {
-            name: _control_texts(tokenizer) for name, tokenizer in self._tokenizers.items()
+        self._control_tokens = {
+            name: _control_token_pattern(tokenizer) for name, tokenizer in self._tokenizers.items()
         }
 
     def _tokenizer(self, model: str) -> Any:
@@ -52,7 +52,7 @@ class ChatTokenizers:
             # The template would drop them without a word: say so instead.
             raise InvalidRequest(f"the chat template of {model!r} does not take tools", param="tools")
         _refuse_control_tokens_in_keys(
-            self._control_texts[model], {"messages": messages, "tools": tools}, model
+            self._control_tokens[model], {"messages": messages, "tools": tools}, model
         )
         try:
             # transformers marks the control tokens found in the inputs before rendering and encodes the marked
@@ -97,7 +97,7 @@ class ChatTokenizers:
         return {"chat_models": len(self._tokenizers)}
 
 
-def _control_texts(tokenizer: Any) -> re.Pattern[str]:
+def _control_token_pattern(tokenizer: Any) -> re.Pattern[str]:
     """Any added token's text (the control tokens among them), whitespace tokens aside: templates write those as text."""
     texts = sorted(
         (token.content for token in tokenizer.added_tokens_decoder.values() if not token.content.isspace()),
