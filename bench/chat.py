@@ -402,6 +402,8 @@ def measure_server(
     url: str,
     model: str,
     messages: list[list[dict[str, str]]],
+    concurrencies: list[int],
+    rates: list[float],
     args: argparse.Namespace,
     rss: RssMonitor | None,
 ) -> dict[str, Any]:
@@ -420,19 +422,19 @@ def measure_server(
                 args.max_tokens,
             ),
         )
-        for concurrency in parse_numbers(args.concurrency, int)
+        for concurrency in concurrencies
     ]
-    rates: list[Level] = [
+    open_loop: list[Level] = [
         (
             f"r{rate:g}",
             f"{rate:g} req/s",
             partial(_load_at_rate, url, model, messages, rate, args.rate_requests, args.max_tokens),
         )
-        for rate in parse_numbers(args.rates, float)
+        for rate in rates
     ]
     return {
         "load": measure_levels(label, streams, args, rss),
-        "at_rate": measure_levels(label, rates, args, rss),
+        "at_rate": measure_levels(label, open_loop, args, rss),
     }
 
 
@@ -1192,7 +1194,14 @@ def main() -> int:
             else:
                 rss = RssMonitor(pid)
             results["glm_serve"] |= measure_server(
-                "glm-serve", f"{base}/v1/chat/completions", CHAT_MODEL, messages, args, rss
+                "glm-serve",
+                f"{base}/v1/chat/completions",
+                CHAT_MODEL,
+                messages,
+                concurrencies,
+                rates,
+                args,
+                rss,
             )
             if rss is not None:
                 results["glm_serve"]["chat_replica_rss"] = rss.stop()
@@ -1222,7 +1231,14 @@ def main() -> int:
                 }
                 monitor = RssMonitor(proc.pid)
                 results["peer"] |= measure_server(
-                    "peer", f"{base}/v1/chat/completions", str(folder), messages, args, monitor
+                    "peer",
+                    f"{base}/v1/chat/completions",
+                    str(folder),
+                    messages,
+                    concurrencies,
+                    rates,
+                    args,
+                    monitor,
                 )
                 results["peer"]["server_rss"] = monitor.stop()
                 results["peer"]["busy_at_end"] = machine_busy()

@@ -5,6 +5,10 @@ token holds. Its bytes come from the vocabulary instead: byte-level BPE (GLM-4's
 one character of a fixed alphabet, and SentencePiece (ChatGLM3's) writes a space as `▁` and a byte it has no piece
 for as `<0xNN>`. Joined, the bytes of a reply's tokens are then its text's UTF-8, which is what OpenAI's `bytes`
 are for.
+
+Not llguidance's `LLTokenizer.decode_bytes` (grammar.py builds one per replica for constrained decoding): it keeps
+byte 0xFF as its mark of a special token and spells the byte-level token that is that byte as b"" (the tiny GLM's
+id 194), it reads fast tokenizers only, and it takes ~0.5 s to build for ChatGLM3's vocabulary against ~0.1 s here.
 """
 
 from __future__ import annotations

@@ -116,9 +116,8 @@ class ToolCallDelta(BaseModel):
 class TopLogprob(BaseModel):
     token: str
     logprob: float
-    bytes: list[int] | None = (
-        None  # the bytes the token holds (part of a character's UTF-8, maybe): join to read
-    )
+    # The bytes the token holds (maybe part of a character's UTF-8): a reply's tokens' bytes, joined, are its text.
+    bytes: list[int] | None = None
 
 
 class TokenLogprobInfo(TopLogprob):
