@@ -40,8 +40,10 @@ class ChatTokenizers:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
     ) -> ChatPrompt:
         """The prompt of a conversation: only the template's own structure makes control tokens.
+        `continue_final_message`: the prompt ends inside the last message, for the model to go on with it.
 
         Every string in `messages` and `tools` (contents, names, metadata, tool calls and definitions) is client
         text: a control token's text in it (`<|user|>`, `[gMASK]`...) is encoded as that text's plain pieces,
@@ -62,6 +64,7 @@ class ChatTokenizers:
                 messages,
                 tools=tools,
                 add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
                 tokenize=True,
                 sanitize_control_tokens=True,
                 return_dict=False,
@@ -81,6 +84,11 @@ class ChatTokenizers:
         tokenizer = self._tokenizer(model)
         own = tokenizer.encode(text, add_special_tokens=False)
         return tokenizer.encode(text, add_special_tokens=True), tokenizer.convert_ids_to_tokens(own)
+
+    def token_strings(self, model: str, token_ids: list[int]) -> list[str]:
+        """Each token as the vocabulary writes it (byte-level pieces, `▁` for a space), as vLLM's
+        `return_token_strs` gives them."""
+        return list(self._tokenizer(model).convert_ids_to_tokens(token_ids))
 
     def decode(self, model: str, token_ids: list[int]) -> str:
         tokenizer = self._tokenizer(model)

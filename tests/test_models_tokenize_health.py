@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import openai
+import pytest
 
 
 def test_models_lists_every_served_model(client: openai.OpenAI) -> None:
@@ -36,6 +39,86 @@ def test_tokenize_messages_uses_the_chat_template(http: httpx.Client) -> None:
     tokens = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
     rendered = http.post("/detokenize", json={"tokens": tokens}).json()["prompt"]
     assert rendered == "[gMASK]<sop><|user|>\nhi<|assistant|>\n"
+
+
+def test_tokenize_returns_token_strings_on_request(
+    http: httpx.Client, parts: tuple[Any, Any, list[int]]
+) -> None:
+    tokenizer = parts[1]
+    text = "Hello, world! 你好"
+    for body in ({"prompt": text}, {"messages": [{"role": "user", "content": text}]}):
+        plain = http.post("/tokenize", json=body).json()
+        assert plain["token_strs"] is None  # vLLM's default: ids only
+        answer = http.post("/tokenize", json={**body, "return_token_strs": True}).json()
+        assert answer["tokens"] == plain["tokens"]
+        assert answer["token_strs"] == tokenizer.convert_ids_to_tokens(answer["tokens"])
+        assert text in tokenizer.convert_tokens_to_string(answer["token_strs"])
+
+
+def test_tokenize_continues_the_final_message(http: httpx.Client) -> None:
+    """vLLM's continue_final_message: the prompt stops inside the last (assistant) message, for the model to go on
+    with it; a client's control-token text in it stays text."""
+    for content in ("The answer is", "The answer is <|user|>"):
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content}]
+        body = {"messages": messages, "continue_final_message": True, "add_generation_prompt": False}
+        tokens = http.post("/tokenize", json=body).json()["tokens"]
+        rendered = http.post("/detokenize", json={"tokens": tokens}).json()["prompt"]
+        assert rendered == f"[gMASK]<sop><|user|>\nhi<|assistant|>\n{content}"
+    assert tokens.count(tokens[2]) == 1  # the one <|user|> token is the template's: the reply's is text
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        # vLLM's options that this server does not implement: named, never ignored.
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ messages }}"},
+            "chat_template",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {}},
+            "chat_template_kwargs",
+        ),
+        ({"prompt": "hi", "mm_processor_kwargs": {}}, "mm_processor_kwargs"),
+        ({"prompt": "hi", "cache_salt": "x"}, "cache_salt"),
+    ],
+)
+def test_tokenize_refuses_fields_it_does_not_implement(
+    http: httpx.Client, body: dict[str, Any], param: str
+) -> None:
+    response = http.post("/tokenize", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and param in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": True}, "add_special_tokens"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True},
+            "add_generation_prompt",
+        ),
+        ({"prompt": "hi", "add_generation_prompt": False}, "add_generation_prompt"),
+        ({"prompt": "hi", "continue_final_message": False}, "continue_final_message"),
+    ],
+)
+def test_tokenize_refuses_options_that_would_not_apply(
+    http: httpx.Client, body: dict[str, Any], named: str
+) -> None:
+    response = http.post("/tokenize", json=body)
+    assert response.status_code == 400 and named in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("route", "body"), [("/detokenize", {"tokens": [1]}), ("/v1/embeddings", {"input": "hi"})]
+)
+def test_unknown_fields_are_a_400_naming_them(http: httpx.Client, route: str, body: dict[str, Any]) -> None:
+    response = http.post(route, json={**body, "truncate": True})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "truncate"
+    assert http.post(route, json=body).status_code == 200
 
 
 def test_detokenize_rejects_ids_outside_the_vocabulary(http: httpx.Client) -> None:

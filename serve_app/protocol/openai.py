@@ -1,8 +1,7 @@
 """OpenAI-compatible request and response bodies for /v1/chat/completions, /v1/embeddings and /v1/models.
 
-The chat request forbids fields it does not know: an option this server does not support is a 400 that names it,
-never silently ignored. Every field it does know is range-checked here, so a bad value is a 400 before any model
-work. Embedding requests still ignore unknown fields (clients send extras such as `user` variants there).
+Requests forbid fields they do not know: an option this server does not support is a 400 that names it, never
+silently ignored. Every field they do know is range-checked here, so a bad value is a 400 before any model work.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import BaseModel, Field, field_serializer, field_validator, model_validator
 
 from serve_app.protocol.bounds import (
     INT64_MAX,
@@ -41,10 +40,6 @@ from serve_app.protocol.openai_tools import (
 
 # Choices per request: each is a sequence of its own in the batch.
 MAX_CHOICES = 16
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
 
 
 class TextContentPart(StrictRequest):
@@ -310,7 +305,7 @@ class ChatCompletionChunk(BaseModel):
     usage: UsageInfo | None = None
 
 
-class EmbeddingRequest(_Request):
+class EmbeddingRequest(StrictRequest):
     model: Text | None = None
     input: Text | Annotated[list[Text], Field(min_length=1)]
     encoding_format: Literal["float", "base64"] = "float"

@@ -1,6 +1,7 @@
 """POST /tokenize in two dialects, told apart by the body, and vLLM-style POST /detokenize.
 
-vLLM's body is `{model, prompt | messages (+ tools), add_special_tokens}` → `{tokens, count, max_model_len}`; GLM-API's
+vLLM's body is `{model, prompt | messages (+ tools, add_generation_prompt, continue_final_message),
+add_special_tokens, return_token_strs}` → `{tokens, count, max_model_len, token_strs}`; GLM-API's
 (seed 000) is `{prompt, max_tokens}` → `{tokenIds, tokens, model, object}`. A body with `max_tokens` and no
 `messages` is GLM-API's; every other body is vLLM's.
 """
@@ -29,12 +30,16 @@ from serve_app.tools.prompts import template_tools
 router = APIRouter(tags=["tokenizer"], route_class=ServingRoute, responses=OPENAI_ERROR_RESPONSES)
 
 
+# The tags are bracketed as pydantic's own union member names are: an error's `param` leaves them out.
+_VLLM, _GLM_API = "[vllm]", "[glm_api]"
+
+
 def _dialect(body: Any) -> str:
-    return "glm_api" if isinstance(body, dict) and "max_tokens" in body and "messages" not in body else "vllm"
+    return _GLM_API if isinstance(body, dict) and "max_tokens" in body and "messages" not in body else _VLLM
 
 
 TokenizeBody = Annotated[
-    Annotated[TokenizeRequest, Tag("vllm")] | Annotated[GlmTokenizeRequest, Tag("glm_api")],
+    Annotated[TokenizeRequest, Tag(_VLLM)] | Annotated[GlmTokenizeRequest, Tag(_GLM_API)],
     Discriminator(_dialect),
 ]
 
@@ -68,12 +73,23 @@ async def tokenize(
         messages = [m.for_template() for m in request.messages]
         check_chat_messages(limits, [m["content"] for m in messages])
         tools = template_tools(request.tools or [])
-        prompt = await registry.prompts.render(model, messages, request.add_generation_prompt, tools)
+        prompt = await registry.prompts.render(
+            model, messages, request.add_generation_prompt, tools, request.continue_final_message
+        )
     else:
         check_prompt(limits, request.prompt)
-        prompt = await registry.tokenizer.encode.remote(model, request.prompt, request.add_special_tokens)
+        add_special_tokens = request.add_special_tokens is not False
+        prompt = await registry.tokenizer.encode.remote(model, request.prompt, add_special_tokens)
+    strings = (
+        await registry.tokenizer.token_strings.remote(model, prompt.token_ids)
+        if request.return_token_strs
+        else None
+    )
     return TokenizeResponse(
-        tokens=prompt.token_ids, count=len(prompt.token_ids), max_model_len=prompt.max_model_len
+        tokens=prompt.token_ids,
+        count=len(prompt.token_ids),
+        max_model_len=prompt.max_model_len,
+        token_strs=strings,
     )
 
 

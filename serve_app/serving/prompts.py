@@ -36,15 +36,15 @@ class ChatPrompts:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
     ) -> ChatPrompt:
+        args = (model, messages, add_generation_prompt, tools, continue_final_message)
         if (
             self._local is not None
             and _chars([messages, tools], self._local_max_chars) <= self._local_max_chars
         ):
-            return self._local.render_chat(model, messages, add_generation_prompt, tools)
-        prompt: ChatPrompt = await self._tokenizer.render_chat.remote(
-            model, messages, add_generation_prompt, tools
-        )
+            return self._local.render_chat(*args)
+        prompt: ChatPrompt = await self._tokenizer.render_chat.remote(*args)
         return prompt
 
 
