@@ -146,7 +146,7 @@ def make_messages(n: int, prompt_tokens: int = 0) -> list[list[dict[str, str]]]:
         for i, chat in enumerate(chats):
             missing = max(0, prompt_tokens - len(tokenizer.encode(chat, add_special_tokens=False)))
             start = (i * 37) % max(1, len(filler_ids) - missing)
-            chats[i] = chat + " " + tokenizer.decode(filler_ids[start : start + missing])
+            chats[i] = f"{chat} {tokenizer.decode(filler_ids[start : start + missing])}"
     return [[{"role": "user", "content": chat}] for chat in chats]
 
 
@@ -564,7 +564,8 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
     gaps: list[float] = []
 
     async def level(concurrency: int, requests: int, budget: int) -> dict[str, Any]:
-        work, done = iter(range(requests)), []
+        work = iter(range(requests))
+        done: list[tuple[float, int]] = []
         gaps.clear()
 
         async def user() -> None:

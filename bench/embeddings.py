@@ -716,16 +716,16 @@ def main() -> int:
                 stop_process(proc)
 
     hogs.close()
-    limit = (results.get("limit") or {}).get("sentences_per_s")
+    limit_rate = (results.get("limit") or {}).get("sentences_per_s")
     glm32 = results.get("glm_serve", {}).get("load", {})
     peer32 = results.get("infinity", {}).get("load", {})
     results["targets"] = {}
     for per in per_request_sizes:
         key = f"c32_per{per}"
         g = reported(glm32.get(key, {}), "sentences_per_s")
-        if limit:
+        if limit_rate:
             results["targets"][f"glm-serve 32 clients x{per} / limit"] = {
-                "ratio": ratio(g, limit),
+                "ratio": ratio(g, limit_rate),
                 "target": TARGET_VS_LIMIT,
             }
         if key in peer32:

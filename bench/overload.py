@@ -30,7 +30,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -144,7 +144,7 @@ def retry_after(response: httpx.Response) -> float | None:
     return float(response.headers.get("retry-after", "1"))
 
 
-Send = Callable[[httpx.AsyncClient, Tally], Awaitable[float | None]]
+Send = Callable[[httpx.AsyncClient, Tally], Coroutine[Any, Any, float | None]]
 KINDS: dict[str, Send] = {"chat": chat_once, "embeddings": embed_once}
 
 
