@@ -15,7 +15,7 @@ from ray import serve
 from deployments.model_files import context_window, load_tokenizer
 from serve_app.config import ChatModelConfig
 from serve_app.errors import InvalidRequest, ModelNotFound
-from serve_app.protocol.engine import ChatPrompt
+from serve_app.protocol.engine import CallSyntax, ChatPrompt
 
 
 class ChatTokenizers:
@@ -27,6 +27,7 @@ class ChatTokenizers:
         self._control_tokens = {
             name: _control_token_pattern(tokenizer) for name, tokenizer in self._tokenizers.items()
         }
+        self._call_syntax = {name: _call_syntax(tokenizer) for name, tokenizer in self._tokenizers.items()}
 
     def _tokenizer(self, model: str) -> Any:
         try:
@@ -73,7 +74,11 @@ class ChatTokenizers:
             raise InvalidRequest(
                 f"the chat template rejected these messages: {exc}", param="messages"
             ) from None
-        return ChatPrompt(token_ids=list(token_ids), max_model_len=self._windows[model])
+        return ChatPrompt(
+            token_ids=list(token_ids),
+            max_model_len=self._windows[model],
+            call_syntax=self._call_syntax[model],
+        )
 
     def encode(self, model: str, text: str, add_special_tokens: bool = True) -> ChatPrompt:
         token_ids = self._tokenizer(model).encode(text, add_special_tokens=add_special_tokens)
@@ -103,6 +108,12 @@ class ChatTokenizers:
 
     def status(self) -> dict[str, int]:
         return {"chat_models": len(self._tokenizers)}
+
+
+def _call_syntax(tokenizer: Any) -> CallSyntax:
+    """ChatGLM3's template writes an assistant's calls as `tool_call(...)` blocks (serve_app/chatglm/templates.py);
+    GLM-4's, and any other, as JSON."""
+    return "python" if "tool_call(" in str(tokenizer.chat_template or "") else "json"
 
 
 def _control_token_pattern(tokenizer: Any) -> re.Pattern[str]:

@@ -255,6 +255,44 @@ def test_an_openai_tool_conversation_reaches_chatglm3_as_its_own_turns(
     assert message["content"] == native.reply_text(case["input_ids"], generated).removeprefix("\n")
 
 
+def test_a_forced_call_is_written_in_chatglm3s_own_syntax(chatglm_url: str) -> None:
+    """tool_choice names a tool: the reply is that call, written as ChatGLM3 writes its calls (the name, then a
+    `tool_call(...)` block), not GLM-4's JSON object, and read back as the call's arguments."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 8}, "celsius": {"type": "boolean"}},
+                "required": ["city", "celsius"],
+            },
+        },
+    }
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [tool],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "max_tokens": 64,
+        "temperature": 0,
+        "logprobs": True,
+    }
+    with httpx.Client(base_url=chatglm_url, timeout=120) as http:
+        response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    (call,) = choice["message"]["tool_calls"]
+    arguments = json.loads(call["function"]["arguments"])
+    assert call["function"]["name"] == "get_weather" and set(arguments) == {"city", "celsius"}
+    written = b"".join(bytes(item["bytes"]) for item in choice["logprobs"]["content"]).decode()
+    celsius = "True" if arguments["celsius"] else "False"
+    assert written.startswith(
+        f"get_weather\n ```python\ntool_call(city={json.dumps(arguments['city'], ensure_ascii=False)}, celsius={celsius})\n```"
+    ), written
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_a_chatglm3_reply_ends_at_user_and_never_contains_it(
     chatglm_url: str, native: Native, stopping: Stopping, stream: bool

@@ -46,6 +46,12 @@ VALID = [
         'get_weather\n```python\ntool_call(city=\'A\')\n```\nget_time\n{"timezone": "B"}',
         [("get_weather", {"city": "A"}), ("get_time", {"timezone": "B"})],
     ),
+    # A double-quoted string that is JSON means what JSON says (a forced call writes JSON values): an escaped
+    # slash is a slash, and a surrogate pair one character; Python would keep the backslash, and two halves.
+    ('get_weather\n ```python\ntool_call(city="A\\/B")\n```', [("get_weather", {"city": "A/B"})]),
+    ('get_weather\n ```python\ntool_call(city="\\ud83d\\ude00")\n```', [("get_weather", {"city": "😀"})]),
+    ("get_weather\n ```python\ntool_call(city='A\\'s')\n```", [("get_weather", {"city": "A's"})]),
+    ('get_weather\n ```python\ntool_call(city="\\x41" "B")\n```', [("get_weather", {"city": "AB"})]),
 ]
 
 HOSTILE = {
@@ -68,6 +74,8 @@ HOSTILE = {
     "chatglm3: a name as a value": "get_weather\n```python\ntool_call(city=Paris)\n```",
     "chatglm3: schema: wrong type": "get_weather\n```python\ntool_call(city=7)\n```",
     "chatglm3: a lone surrogate": "get_weather\n```python\ntool_call(city='\\ud800')\n```",
+    "chatglm3: a surrogate pair in Python": "get_weather\n```python\ntool_call(city='\\ud83d\\ude00')\n```",
+    "chatglm3: a lone surrogate in JSON": 'get_weather\n```python\ntool_call(city="\\udc00")\n```',
     "chatglm3: syntax error": "get_weather\n```python\ntool_call(city='Paris'\n```",
     "eval would run it": f'get_weather\n__import__("os").system("touch {PWNED}")',
     "code inside the object": f'get_weather\n{{"city": __import__("os").system("touch {PWNED}")}}',

@@ -108,12 +108,19 @@ class GenerationChunk:
     logprobs: list[TokenLogprob] | None = None
 
 
+# How a model's chat template writes a tool call after the function's name and a newline: GLM-4's JSON object of
+# the arguments, or ChatGLM3's Python block "```python\ntool_call(key=value, ...)\n```".
+CallSyntax = Literal["json", "python"]
+
+
 @dataclass(frozen=True)
 class ChatPrompt:
-    """A chat rendered by the model's chat template and tokenized, with the window it must fit in."""
+    """A chat rendered by the model's chat template and tokenized, with the window it must fit in and the way the
+    template writes tool calls (a forced call is made to follow it)."""
 
     token_ids: list[int]
     max_model_len: int
+    call_syntax: CallSyntax = "json"
 
 
 @dataclass

@@ -107,10 +107,10 @@ class ChatService:
         requested, fit_to_window = cap_completion_tokens(
             self._limits, request.requested_max_tokens, request.max_tokens_param, fit_to_window
         )
-        grammar = reply_grammar(request)
         prompt = await self._registry.prompts.render(
             model.name, messages, tools=template_tools(request.prompt_tools)
         )
+        grammar = reply_grammar(request, prompt.call_syntax)
         max_tokens = completion_budget(prompt, requested, fit_to_window)
         generates = [
             GenerateRequest(

@@ -133,7 +133,8 @@ def _read_chatglm3_call(text: str, start: int) -> tuple[dict[str, Any], str, int
         # A reply's invalid escapes ('\q') are its text's business, not the log's.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tree = ast.parse(text[body:close].strip(), mode="eval").body
+            source = text[body:close].strip()
+            tree = ast.parse(source, mode="eval").body
         if not (
             isinstance(tree, ast.Call)
             and isinstance(tree.func, ast.Name)
@@ -145,36 +146,59 @@ def _read_chatglm3_call(text: str, start: int) -> tuple[dict[str, Any], str, int
         for keyword in tree.keywords:
             if keyword.arg is None:  # **mapping
                 return None
-            arguments[keyword.arg] = _literal(keyword.value)
+            arguments[keyword.arg] = _Literals(source).read(keyword.value)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     return arguments, json.dumps(arguments, ensure_ascii=False), close + len(_CHATGLM3_CLOSE)
 
 
-def _literal(node: ast.expr) -> Any:
-    """The JSON value a literal node writes; ValueError for anything else (names, calls, operators, sets...)."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, str):
-        return _text(node.value)
-    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (bool, int, float))):
-        if isinstance(node.value, float) and not math.isfinite(node.value):  # 1e999: not JSON
-            raise ValueError("not a finite number")
-        return node.value
-    if (
-        isinstance(node, ast.UnaryOp)
-        and isinstance(node.op, ast.USub)
-        and isinstance(node.operand, ast.Constant)
-        and type(node.operand.value) in (int, float)
-    ):
-        return -_literal(node.operand)
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [_literal(element) for element in node.elts]
-    if isinstance(node, ast.Dict):
-        if not all(isinstance(key, ast.Constant) and isinstance(key.value, str) for key in node.keys):
-            raise ValueError("a dict key that is not a string")  # a None key is **mapping
-        return {_text(key.value): _literal(value) for key, value in zip(node.keys, node.values)}  # type: ignore[union-attr]
-    if isinstance(node, ast.Name) and node.id in _JSON_NAMES:
-        return _JSON_NAMES[node.id]
-    raise ValueError(f"not a literal: {ast.dump(node)[:40]}")
+class _Literals:
+    """The JSON values that literal nodes of `source` write; ValueError for anything else (names, calls,
+    operators, sets...).
+
+    A double-quoted string that is also a JSON string means what JSON says: a forced call's values are JSON
+    (tools/constraints.py), and JSON's escaped slash and surrogate pairs read differently in Python."""
+
+    def __init__(self, source: str) -> None:
+        self._source = source
+
+    def read(self, node: ast.expr) -> Any:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return self._string(node)
+        if isinstance(node, ast.Constant) and (
+            node.value is None or isinstance(node.value, (bool, int, float))
+        ):
+            if isinstance(node.value, float) and not math.isfinite(node.value):  # 1e999: not JSON
+                raise ValueError("not a finite number")
+            return node.value
+        if (
+            isinstance(node, ast.UnaryOp)
+            and isinstance(node.op, ast.USub)
+            and isinstance(node.operand, ast.Constant)
+            and type(node.operand.value) in (int, float)
+        ):
+            return -self.read(node.operand)
+        if isinstance(node, (ast.List, ast.Tuple)):
+            return [self.read(element) for element in node.elts]
+        if isinstance(node, ast.Dict):
+            if not all(isinstance(key, ast.Constant) and isinstance(key.value, str) for key in node.keys):
+                raise ValueError("a dict key that is not a string")  # a None key is **mapping
+            return {self._string(key): self.read(value) for key, value in zip(node.keys, node.values)}  # type: ignore[arg-type]
+        if isinstance(node, ast.Name) and node.id in _JSON_NAMES:
+            return _JSON_NAMES[node.id]
+        raise ValueError(f"not a literal: {ast.dump(node)[:40]}")
+
+    def _string(self, node: ast.Constant) -> str:
+        written = ast.get_source_segment(self._source, node) or ""
+        if written.startswith('"'):
+            try:
+                value = json.loads(written)
+            except ValueError:
+                pass  # Python's own escapes, or strings written side by side
+            else:
+                if isinstance(value, str):
+                    return _text(value)
+        return _text(str(node.value))
 
 
 def _text(value: str) -> str:
