@@ -224,17 +224,37 @@ class ServingRoute(APIRoute):
         return answer_serving_failures
 
 
+# How deep an echoed `input` may nest. Deeper, the answer would nest as deep as the JSON parser allows: encoding
+# it ran past the recursion limit at some depths (a 500), and a client's own parser may give up on it.
+_ECHO_DEPTH = 32
+
+
 def seed_validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
     """FastAPI's 422 list, as the seeds answered, less an `input` that JSON cannot carry back to the client (NaN,
-    a lone surrogate, nesting past the encoder's depth): echoing it would make the answer itself fail (a 500)."""
+    a lone surrogate) or that nests deeper than `_ECHO_DEPTH`: echoing it would make the answer itself fail."""
     detail = []
     for error in exc.errors():
-        encoded = _encodable(error)
+        encoded = _encodable(error) if _depth_within(error.get("input"), _ECHO_DEPTH) else None
         if encoded is None:
             without_input = {k: v for k, v in error.items() if k != "input"}
             encoded = _encodable(without_input) or {"msg": str(error.get("msg"))}
         detail.append(encoded)
     return detail
+
+
+def _depth_within(value: Any, limit: int) -> bool:
+    """Does `value` nest (lists, dicts) at most `limit` deep? Walked without recursion, and only that deep."""
+    level: list[Any] = [value]
+    for _ in range(limit + 1):
+        level = [
+            child
+            for item in level
+            if isinstance(item, (list, dict))
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+        if not level:
+            return True
+    return False
 
 
 def _encodable(value: dict[str, Any]) -> dict[str, Any] | None:

@@ -53,6 +53,20 @@ def test_found_failure_is_a_client_error_naming_the_field(
         assert field in locations, locations
 
 
+@pytest.mark.parametrize("path", ["/chat", "/stream", "/embedding"])
+def test_a_body_nested_to_the_parsers_limit_gets_the_seeds_422(http: httpx.Client, path: str) -> None:
+    """A body nested just as deep as the JSON parser takes: the seed routes' 422 echoes it back, and at some depths
+    only encoding the answer itself ran past the recursion limit (a 500; found by a long hostile run)."""
+    statuses = set()
+    for depth in range(700, 1001):
+        body = Raw('{"a":' * depth + "1" + "}" * depth)
+        response = http.post(path, content=encode(body), headers=JSON)
+        assert response.status_code in (400, 422), (depth, response.text[:200])
+        assert "detail" in response.json()
+        statuses.add(response.status_code)
+    assert statuses == {400, 422}  # the sweep crosses the parser's limit
+
+
 def test_deep_or_huge_json_is_a_400_in_each_shape(http: httpx.Client) -> None:
     for body in (Raw("[" * 5_000 + "]" * 5_000), {"messages": USER, "max_tokens": Raw("9" * 5_000)}):
         openai_style = http.post("/v1/chat/completions", content=encode(body), headers=JSON)
