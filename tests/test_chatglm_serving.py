@@ -291,6 +291,21 @@ def test_a_forced_call_is_written_in_chatglm3s_own_syntax(chatglm_url: str) -> N
     assert written.startswith(
         f"get_weather\n ```python\ntool_call(city={json.dumps(arguments['city'], ensure_ascii=False)}, celsius={celsius})\n```"
     ), written
+    # Streamed, the same greedy call arrives as delta.tool_calls: its name, then its arguments' fragments.
+    name, fragments, finish = "", [], None
+    with (
+        httpx.Client(base_url=chatglm_url, timeout=120) as http,
+        http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response,
+    ):
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            streamed = json.loads(line.removeprefix("data: "))["choices"][0]
+            for delta in streamed["delta"].get("tool_calls") or []:
+                name += delta.get("function", {}).get("name") or ""
+                fragments.append(delta.get("function", {}).get("arguments") or "")
+            finish = streamed.get("finish_reason") or finish
+    assert (name, json.loads("".join(fragments)), finish) == ("get_weather", arguments, "tool_calls")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
