@@ -110,9 +110,32 @@ ROUTES = [
     Route(
         "POST",
         "/tokenize",
-        {"model": "tiny-glm", "messages": USER, "add_generation_prompt": True},
-        (("model",), ("messages",), ("messages", 0, "content"), ("add_generation_prompt",), ("prompt",)),
+        {"model": "tiny-glm", "messages": USER, "add_generation_prompt": True, "return_token_strs": True},
+        (
+            ("model",),
+            ("messages",),
+            ("messages", 0, "content"),
+            ("add_generation_prompt",),
+            ("return_token_strs",),
+            ("prompt",),
+        ),
         variant="messages",
+    ),
+    Route(
+        "POST",
+        "/tokenize",
+        {
+            "messages": [*USER, {"role": "assistant", "content": "The answer is"}],
+            "add_generation_prompt": False,
+            "continue_final_message": True,
+        },
+        (
+            ("messages", 1, "content"),
+            ("messages", 1, "role"),
+            ("continue_final_message",),
+            ("add_special_tokens",),
+        ),
+        variant="continue the final message",
     ),
     Route(
         "POST",
