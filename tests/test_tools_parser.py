@@ -107,6 +107,18 @@ def test_anything_else_is_text_and_never_runs(text: str) -> None:
     assert not PWNED.exists()
 
 
+def test_chatglm3_json_strings_are_read_where_they_are_written() -> None:
+    """A node's column counts UTF-8 bytes: a JSON string after other text on its line, non-ASCII included, or on a
+    line after a "\r\n", still reads with JSON's meaning."""
+    parser = ToolCallParser(
+        [ToolDefinition.model_validate({"type": "function", "function": {"name": "note"}})]
+    )
+    text = 'note\n ```python\ntool_call(title=\'北京\', body="a\\/b",\r\n tags=["\\ud83d\\ude00"])\n```'
+    calls = parser.parse(text)
+    assert calls is not None
+    assert json.loads(calls[0].arguments) == {"title": "北京", "body": "a/b", "tags": ["😀"]}
+
+
 def test_two_calls_without_parallel_calls_are_text() -> None:
     assert ToolCallParser(TOOLS, parallel=False).parse(VALID[2][0]) is None
     assert ToolCallParser(TOOLS, parallel=False).parse(VALID[0][0]) is not None

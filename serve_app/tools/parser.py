@@ -133,7 +133,8 @@ def _read_chatglm3_call(text: str, start: int) -> tuple[dict[str, Any], str, int
         # A reply's invalid escapes ('\q') are its text's business, not the log's.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            source = text[body:close].strip()
+            # Python reads "\r\n" and "\r" in source as "\n" (strings included): the same code, one kind of line end.
+            source = text[body:close].strip().replace("\r\n", "\n").replace("\r", "\n")
             tree = ast.parse(source, mode="eval").body
         if not (
             isinstance(tree, ast.Call)
@@ -143,10 +144,11 @@ def _read_chatglm3_call(text: str, start: int) -> tuple[dict[str, Any], str, int
         ):
             return None
         arguments: dict[str, Any] = {}
+        literals = _Literals(source)
         for keyword in tree.keywords:
             if keyword.arg is None:  # **mapping
                 return None
-            arguments[keyword.arg] = _Literals(source).read(keyword.value)
+            arguments[keyword.arg] = literals.read(keyword.value)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     return arguments, json.dumps(arguments, ensure_ascii=False), close + len(_CHATGLM3_CLOSE)
@@ -160,7 +162,9 @@ class _Literals:
     (tools/constraints.py), and JSON's escaped slash and surrogate pairs read differently in Python."""
 
     def __init__(self, source: str) -> None:
-        self._source = source
+        # Nodes give their place as line numbers and UTF-8 byte columns: each line encoded once, so that reading
+        # a block of many strings stays linear (ast.get_source_segment splits the whole source per call).
+        self._lines = [line.encode() for line in source.split("\n")]
 
     def read(self, node: ast.expr) -> Any:
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
@@ -189,7 +193,13 @@ class _Literals:
         raise ValueError(f"not a literal: {ast.dump(node)[:40]}")
 
     def _string(self, node: ast.Constant) -> str:
-        written = ast.get_source_segment(self._source, node) or ""
+        written = ""
+        if (
+            node.lineno == node.end_lineno and node.end_col_offset is not None
+        ):  # JSON strings hold no line end
+            written = self._lines[node.lineno - 1][node.col_offset : node.end_col_offset].decode(
+                errors="replace"
+            )
         if written.startswith('"'):
             try:
                 value = json.loads(written)
