@@ -167,6 +167,23 @@ UNSUPPORTED = {
 }
 
 
+def test_fields_that_ask_nothing_this_server_does_not_do_are_accepted(http: httpx.Client) -> None:
+    """Labels (`user`, `safety_identifier`, `prompt_cache_key`, `metadata`), no storage, the default tier."""
+    body = {
+        "messages": HELLO,
+        "max_tokens": 2,
+        "user": "u",
+        "safety_identifier": "s",
+        "prompt_cache_key": "k",
+        "metadata": {"k": "v"},
+        "store": False,
+        "service_tier": "auto",
+    }
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert http.post("/v1/chat/completions", json={**body, "service_tier": "default"}).status_code == 200
+
+
 @pytest.mark.parametrize("field", UNSUPPORTED)
 def test_every_unsupported_field_is_a_400_naming_it(http: httpx.Client, field: str) -> None:
     response = http.post("/v1/chat/completions", json={"messages": HELLO, field: UNSUPPORTED[field]})

@@ -124,9 +124,15 @@ class ChatCompletionRequest(StrictRequest):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
-    # Accepted and not used: they label requests in OpenAI's own logs.
+    # Accepted and not used: they label requests in OpenAI's own logs, or key its prompt cache.
     user: Text | None = None
     metadata: dict[Text, Text] | None = None
+    safety_identifier: Text | None = None
+    prompt_cache_key: Text | None = None
+    # Honoured as they are: this server keeps no completions and has one tier. Asking for storage or another
+    # tier is a 400.
+    store: Literal[False] | None = None
+    service_tier: Literal["auto", "default"] | None = None
 
     @field_validator("logit_bias")
     @classmethod
