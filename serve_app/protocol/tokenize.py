@@ -38,7 +38,7 @@ class TokenizeRequest(StrictRequest):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         if self.messages is None:
             for name in _CHAT_ONLY:
-                if name in self.model_fields_set:
+                if name in self.model_fields_set and getattr(self, name) is not None:
                     raise ValueError(f"'{name}' goes with 'messages': a raw 'prompt' is rendered already")
             return self
         if self.add_special_tokens:
