@@ -47,8 +47,9 @@ def tool_call_grammar(request: ChatCompletionRequest, call_syntax: CallSyntax = 
     JSON object, or with the "python" syntax ChatGLM3's block, " ```python\\ntool_call(key=value, ...)\\n```" (the
     values JSON, which Python reads as literals), for every tool whose parameters it can write as keywords. The
     others keep the JSON object, which the parser reads from any model."""
+    tools = request.callable_tools
     rules = []
-    for index, tool in enumerate(request.callable_tools):
+    for index, tool in enumerate(tools):
         head = json.dumps(tool.function.name + "\n")
         schema = tool.function.parameters or _ANY_OBJECT
         keywords = _keyword_parameters(schema) if call_syntax == "python" else None
@@ -56,7 +57,7 @@ def tool_call_grammar(request: ChatCompletionRequest, call_syntax: CallSyntax = 
             rules.append(f"call_{index}: {head} {_json_value(schema)}")
         else:
             rules.extend(_python_call_rules(f"call_{index}", head, keywords))
-    calls = [f"call_{i}" for i in range(len(request.callable_tools))]
+    calls = [f"call_{i}" for i in range(len(tools))]
     repeat = ' ("\\n" call)*' if request.parallel_tool_calls else ""
     lark = "\n".join([f"start: call{repeat}", "call: " + " | ".join(calls), *rules])
     try:
@@ -89,15 +90,7 @@ def _keyword_value(schema: dict[str, Any]) -> str:
 
 # An object schema's keys that the keyword form still enforces whole: its properties one by one, which are
 # required, and (by writing only them) no others. Any other key ($defs, oneOf, minProperties...) needs the object.
-_KEYWORD_SCHEMA_KEYS = {
-    "type",
-    "properties",
-    "required",
-    "additionalProperties",
-    "description",
-    "title",
-    "$schema",
-}
+_KEYWORD_SCHEMA_KEYS = {"type", "properties", "required", "additionalProperties", "$schema", *_ANNOTATIONS}
 
 _Keyword = tuple[str, dict[str, Any], bool]  # name, schema of its value, required
 
@@ -128,22 +121,22 @@ def _python_call_rules(rule: str, head: str, keywords: list[_Keyword]) -> list[s
     """`rule`: the head, then ChatGLM3's block with the keywords in order, the required ones always. The
     alternatives say which keyword comes first (any optional one before the first required one may be left out);
     every later one follows a comma."""
+    names = [f"{rule}_{i}" for i in range(len(keywords))]
     values = [
-        f"{rule}_{i}: {json.dumps(name + '=')} {_keyword_value(schema)}"
-        for i, (name, schema, _) in enumerate(keywords)
+        f"{name}: {json.dumps(parameter + '=')} {_keyword_value(schema)}"
+        for name, (parameter, schema, _) in zip(names, keywords, strict=True)
+    ]
+    followers = [
+        f'(", " {name})' + ("" if required else "?")
+        for name, (_, _, required) in zip(names, keywords, strict=True)
     ]
     firsts = []
     for first, (_, _, required) in enumerate(keywords):
-        later = [
-            f'(", " {rule}_{i})' + ("" if keywords[i][2] else "?") for i in range(first + 1, len(keywords))
-        ]
-        firsts.append(" ".join([f"{rule}_{first}", *later]))
+        firsts.append(" ".join([names[first], *followers[first + 1 :]]))
         if required:
             break
     arguments = " | ".join(firsts)
-    if arguments and not any(required for _, _, required in keywords):
-        arguments = f"({arguments})?"
-    elif arguments:
-        arguments = f"({arguments})"
+    if arguments:  # left out whole only when every keyword is optional
+        arguments = f"({arguments})" + ("" if any(required for _, _, required in keywords) else "?")
     opening, closing = json.dumps(" ```python\ntool_call("), json.dumps(")\n```")
     return [f"{rule}: {head} {opening} {arguments} {closing}", *values]

@@ -193,21 +193,17 @@ class _Literals:
         raise ValueError(f"not a literal: {ast.dump(node)[:40]}")
 
     def _string(self, node: ast.Constant) -> str:
-        written = ""
-        if (
-            node.lineno == node.end_lineno and node.end_col_offset is not None
-        ):  # JSON strings hold no line end
-            written = self._lines[node.lineno - 1][node.col_offset : node.end_col_offset].decode(
-                errors="replace"
-            )
-        if written.startswith('"'):
-            try:
-                value = json.loads(written)
-            except ValueError:
-                pass  # Python's own escapes, or strings written side by side
-            else:
-                if isinstance(value, str):
-                    return _text(value)
+        if node.lineno == node.end_lineno and node.end_col_offset is not None:  # a JSON string is one line
+            line = self._lines[node.lineno - 1]
+            written = line[node.col_offset : node.end_col_offset].decode(errors="replace")
+            if written.startswith('"'):
+                try:
+                    value = json.loads(written)
+                except ValueError:
+                    pass  # Python's own escapes, or strings written side by side
+                else:
+                    if isinstance(value, str):
+                        return _text(value)
         return _text(str(node.value))
 
 
