@@ -12,12 +12,14 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serve_app import process_tree
+from serve_app.runtime import check_port_free
 
 
 def _session(sid: int) -> list[psutil.Process]:
@@ -29,6 +31,15 @@ def _session(sid: int) -> list[psutil.Process]:
         except (OSError, psutil.Error):
             continue
     return members
+
+
+def launch_server(command: list[str], env: Mapping[str, str], port: int, log_path: Path) -> subprocess.Popen:
+    """Start a server subprocess in a session of its own, its output to `log_path`. Refused (PortInUse) while
+    something else listens on `port`: the benchmark's readiness check would take that server's 200 for this one's,
+    and measure it."""
+    check_port_free("127.0.0.1", port)
+    log = open(log_path, "w")  # noqa: SIM115 - the child writes to it for its whole life
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop_server(proc: subprocess.Popen, timeout_s: float = 15) -> None:

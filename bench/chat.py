@@ -69,7 +69,7 @@ from _machine import (
     hog_until_closed,
     reported,
 )
-from _server import add_transport_option, every_kind, interrupt_on_sigterm, stop_server
+from _server import add_transport_option, every_kind, interrupt_on_sigterm, launch_server, stop_server
 from embeddings import (
     CHAT_MODEL,
     RESULTS,
@@ -778,8 +778,7 @@ def start_glm_serve(
         command += ["--prefill-chunk-tokens", str(args.prefill_chunk_tokens)]
     if args.handle_transport:
         command += ["--handle-transport", args.handle_transport]
-    log = open(log_path, "w")  # noqa: SIM115
-    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return launch_server(command, env, args.port, log_path)
 
 
 def start_peer(args: argparse.Namespace, folder: Path, port: int, log_path: Path) -> subprocess.Popen:
@@ -807,8 +806,7 @@ def start_peer(args: argparse.Namespace, folder: Path, port: int, log_path: Path
         str(port),
     ]
     print(f"  starting the peer: {' '.join(command)} (log {log_path})", flush=True)
-    log = open(log_path, "w")  # noqa: SIM115
-    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return launch_server(command, env, port, log_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from _machine import (  # the script's folder is on sys.path
     hog_until_closed,
     reported,
 )
-from _server import add_transport_option, every_kind, interrupt_on_sigterm, stop_server
+from _server import add_transport_option, every_kind, interrupt_on_sigterm, launch_server, stop_server
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -415,15 +415,10 @@ def start_glm_serve(
     effective.setdefault(HA_PROXY, "1" if haproxy_installed() else "0")
     transport_note = f", handle_transport {transport}" if transport else ""
     print(f"  starting glm-serve on :{port} (log {log_path}) with {effective}{transport_note}", flush=True)
-    log = open(log_path, "w")  # noqa: SIM115
     command = [sys.executable, __file__, "--serve-child", "--port", str(port), "--temp-dir", temp_dir]
-    return subprocess.Popen(
-        command + (["--handle-transport", transport] if transport else []),
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    if transport:
+        command += ["--handle-transport", transport]
+    return launch_server(command, env, port, log_path)
 
 
 def start_infinity(port: int, log_path: Path) -> subprocess.Popen:
@@ -454,8 +449,7 @@ def start_infinity(port: int, log_path: Path) -> subprocess.Popen:
         str(port),
     ]
     print(f"  starting infinity: {' '.join(command)} (log {log_path})", flush=True)
-    log = open(log_path, "w")  # noqa: SIM115
-    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return launch_server(command, env, port, log_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
