@@ -66,13 +66,18 @@ class EmbeddingDeployment:
         self._encode(["warm-up"])
         logger.info("embedding model %s loaded from %s (%d-d)", config.name, config.path, self.dimensions)
 
-    async def embed(self, texts: list[str], received_at: float | None = None) -> Embeddings:
+    async def embed(
+        self, texts: list[str], received_at: float | None = None
+    ) -> Embeddings | ServiceUnavailable:
+        """The texts' vectors, or the refusal of an overloaded replica, returned, not raised: Serve logs every
+        exception a replica raises as a failed request, traceback and all, and under an overload that is
+        hundreds of ERROR lines (and their formatting's CPU) for refusals that are the server working as meant."""
         request = _Request(received_at if received_at is not None else time.time())
         # Refused at once when the work already waiting here would take it past the deadline (fast 503s under
         # overload, and a backlog no deeper than the deadline, so the server is itself again soon after).
         late = self._deadline.refusal(request.received_at, batches_ahead=self._batches_waiting())
         if late is not None:
-            raise late
+            return late
         size = self._max_batch_texts
         parts = [_Part(texts[start : start + size], request) for start in range(0, len(texts), size)]
         served: list[Embeddings] = []
@@ -83,7 +88,7 @@ class EmbeddingDeployment:
             self._texts_waiting -= len(texts)
         for answer in answers:
             if not isinstance(answer, Embeddings):
-                raise answer
+                return answer  # the request is refused whole (one decision for all its parts)
             served.append(answer)
         if len(served) == 1:
             return served[0]
