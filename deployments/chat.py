@@ -27,7 +27,7 @@ from deployments.model_files import (
 from deployments.model_health import poison_weights, require_finite
 from deployments.queue_deadline import QueueDeadline
 from serve_app.config import ChatModelConfig
-from serve_app.errors import ServiceUnavailable
+from serve_app.errors import APIError
 from serve_app.metrics import ChatMetrics
 from serve_app.protocol.engine import GenerateRequest, GenerationChunk
 
@@ -76,12 +76,10 @@ class ChatDeployment:
             self._engine = SequentialEngine(model, self._tokenizer, end_ids, **options)
         logger.info("chat model %s loaded from %s on %s", config.name, config.path, device)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk | ServiceUnavailable]:
-        """Stream the completion of one prompt; the last chunk carries the finish reason.
-
-        A refusal (overloaded, or an engine that is broken) is the stream's last item, not raised: Serve logs
-        whatever a replica raises as a failed request, with its traceback (EmbeddingDeployment.embed does the
-        same, for the same reason)."""
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk | APIError]:
+        """Stream the completion of one prompt; the last chunk carries the finish reason. A refusal (overloaded,
+        an engine that is broken) or a client error ends the stream as its last item, a value (see
+        serve_app/errors.py)."""
         received = time.perf_counter()
         last: GenerationChunk | None = None
         try:
@@ -90,8 +88,8 @@ class ChatDeployment:
                     self._metrics.first_token(time.perf_counter() - received, len(request.prompt_token_ids))
                 last = chunk
                 yield chunk
-        except ServiceUnavailable as refusal:
-            yield refusal
+        except APIError as error:
+            yield error
         finally:
             if last is not None:  # also when the client went away mid-stream: those tokens were computed
                 self._metrics.completion_tokens(last.completion_tokens)

@@ -69,9 +69,7 @@ class EmbeddingDeployment:
     async def embed(
         self, texts: list[str], received_at: float | None = None
     ) -> Embeddings | ServiceUnavailable:
-        """The texts' vectors, or the refusal of an overloaded replica, returned, not raised: Serve logs every
-        exception a replica raises as a failed request, traceback and all, and under an overload that is
-        hundreds of ERROR lines (and their formatting's CPU) for refusals that are the server working as meant."""
+        """The texts' vectors, or the refusal of an overloaded replica as a value (see serve_app/errors.py)."""
         request = _Request(received_at if received_at is not None else time.time())
         # Refused at once when the work already waiting here would take it past the deadline (fast 503s under
         # overload, and a backlog no deeper than the deadline, so the server is itself again soon after).

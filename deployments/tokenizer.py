@@ -14,7 +14,7 @@ from ray import serve
 
 from deployments.model_files import context_window, load_tokenizer
 from serve_app.config import ChatModelConfig
-from serve_app.errors import InvalidRequest, ModelNotFound
+from serve_app.errors import InvalidRequest, ModelNotFound, answers_errors
 from serve_app.protocol.engine import CallSyntax, ChatPrompt
 
 
@@ -149,5 +149,15 @@ def _refuse_control_tokens_in_keys(control: re.Pattern[str], value: Any, model: 
 
 
 @serve.deployment
-class TokenizerDeployment(ChatTokenizers):
-    """`ChatTokenizers` as a Serve deployment: its methods are what the ingress's handle calls."""
+class TokenizerDeployment:
+    """`ChatTokenizers` as a Serve deployment: its methods are what the ingress's handle calls. A client's bad
+    input comes back as the error, a value (`answers_errors`), which the ingress raises."""
+
+    def __init__(self, chat_models: list[ChatModelConfig]) -> None:
+        tokenizers = ChatTokenizers(chat_models)
+        self.render_chat = answers_errors(tokenizers.render_chat)
+        self.encode = answers_errors(tokenizers.encode)
+        self.pieces = answers_errors(tokenizers.pieces)
+        self.token_strings = answers_errors(tokenizers.token_strings)
+        self.decode = answers_errors(tokenizers.decode)
+        self.status = tokenizers.status

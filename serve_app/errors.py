@@ -1,16 +1,20 @@
 """One error envelope, `{"error": {"message", "type", "param", "code"}}`, and the handlers that produce it.
 
-Deployments raise `APIError` subclasses; Ray re-raises them in the ingress as instances of the same class, so a
-client error found deep in a replica still reaches the client as its 4xx.
+Deployments answer with `APIError`s as values (`answers_errors` wraps a plain method; the chat stream sends one as
+its last item), and the ingress raises them (`raised`), so a client error found deep in a replica still reaches
+the client as its 4xx, and a refusal as its 503. Not raised in the replica: Serve logs whatever a replica raises
+as a failed request, with its traceback, so a client sending bad token ids, or an overload's refusals, would
+write an ERROR and a traceback per request.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
@@ -89,6 +93,30 @@ def overloaded(retry_after_s: float) -> ServiceUnavailable:
         "overloaded",
         retry_after_s,
     )
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def answers_errors(method: Callable[_P, _T]) -> Callable[_P, _T | APIError]:
+    """A replica's (sync) method that returns the `APIError` it would raise (see the module's docstring)."""
+
+    @functools.wraps(method)
+    def answering(*args: _P.args, **kwargs: _P.kwargs) -> _T | APIError:
+        try:
+            return method(*args, **kwargs)
+        except APIError as error:
+            return error
+
+    return answering
+
+
+def raised(answer: _T | APIError) -> _T:
+    """A deployment's answer, in the ingress; an error it answered with, raised."""
+    if isinstance(answer, APIError):
+        raise answer
+    return answer
 
 
 def serving_failure(exc: BaseException) -> APIError | None:

@@ -7,15 +7,15 @@ Marked `disruptive`: conftest runs these after every other test, since the app i
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import ray
+
+from tests.serve_logs import failed_requests_logged
 
 pytestmark = pytest.mark.disruptive
 
@@ -54,15 +54,6 @@ def _until(condition_met: object, timeout_s: float = 180) -> float:
         assert time.monotonic() - start < timeout_s, f"not recovered within {timeout_s:.0f} s"
         time.sleep(0.5)
     return time.monotonic() - start
-
-
-def _failed_requests_logged(deployment: str) -> set[str]:
-    """The ids of the requests that the deployment's replicas (this session's, dead ones too) logged as failed."""
-    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
-    failed = set()
-    for log in logs.glob(f"replica_glm-serve_{deployment}_*.log"):
-        failed.update(re.findall(r" ([0-9a-f-]{36}) -- Request failed", log.read_text(errors="replace")))
-    return failed
 
 
 def _assert_unavailable(response: httpx.Response, *codes: str) -> None:
@@ -217,7 +208,7 @@ def test_a_broken_engine_answers_503_until_serve_replaces_its_replica(http: http
     assert set(statuses) <= {200, 503} and statuses[0] == 503, statuses
     # A refusal is an answer, not a failure of the replica: none is logged as a failed request (an ERROR with
     # its traceback, which an overload would repeat hundreds of times).
-    failed = _failed_requests_logged(CHAT)
+    failed = failed_requests_logged(CHAT)
     assert refused_ids and not failed & set(refused_ids), failed & set(refused_ids)
     print(
         f"broken engine: {statuses.count(503)} requests answered 503, replaced in {time.monotonic() - broken_at:.1f} s"

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Body, Depends
 from pydantic import Discriminator, Tag
 
 from serve_app.config import LimitsConfig
-from serve_app.errors import OPENAI_ERROR_RESPONSES, ServingRoute
+from serve_app.errors import OPENAI_ERROR_RESPONSES, ServingRoute, raised
 from serve_app.limits import check_chat_messages, check_prompt
 from serve_app.protocol.glm_api import GlmTokenizeRequest, GlmTokenizeResponse
 from serve_app.protocol.tokenize import (
@@ -67,7 +67,7 @@ async def tokenize(
     model = registry.chat(request.model).name
     if isinstance(request, GlmTokenizeRequest):
         check_prompt(limits, request.prompt)
-        ids, pieces = await registry.tokenizer.pieces.remote(model, request.prompt)
+        ids, pieces = raised(await registry.tokenizer.pieces.remote(model, request.prompt))
         return GlmTokenizeResponse(tokenIds=ids[: request.max_tokens], tokens=pieces, model=model)
     if request.messages is not None:
         messages = [m.for_template() for m in request.messages]
@@ -79,9 +79,9 @@ async def tokenize(
     else:
         check_prompt(limits, request.prompt)
         add_special_tokens = request.add_special_tokens is not False
-        prompt = await registry.tokenizer.encode.remote(model, request.prompt, add_special_tokens)
+        prompt = raised(await registry.tokenizer.encode.remote(model, request.prompt, add_special_tokens))
     strings = (
-        await registry.tokenizer.token_strings.remote(model, prompt.token_ids)
+        raised(await registry.tokenizer.token_strings.remote(model, prompt.token_ids))
         if request.return_token_strs
         else None
     )
@@ -98,4 +98,4 @@ async def detokenize(
     request: DetokenizeRequest, registry: Annotated[ModelRegistry, Depends(deps.registry)]
 ) -> DetokenizeResponse:
     model = registry.chat(request.model).name
-    return DetokenizeResponse(prompt=await registry.tokenizer.decode.remote(model, request.tokens))
+    return DetokenizeResponse(prompt=raised(await registry.tokenizer.decode.remote(model, request.tokens)))

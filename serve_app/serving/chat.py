@@ -15,7 +15,7 @@ from typing import cast
 from ray.serve.handle import DeploymentResponseGenerator
 
 from serve_app.config import LimitsConfig
-from serve_app.errors import APIError, InvalidRequest, ServiceUnavailable, error_body, serving_failure
+from serve_app.errors import APIError, InvalidRequest, error_body, raised, serving_failure
 from serve_app.limits import cap_completion_tokens, check_chat_messages
 from serve_app.protocol.engine import ChatPrompt, FinishReason, GenerateRequest, GenerationChunk
 from serve_app.protocol.openai import (
@@ -192,7 +192,7 @@ async def _started(
     ]
     try:
         firsts = [
-            _chunk(first) for first in await asyncio.gather(*(anext(response) for response in responses))
+            raised(first) for first in await asyncio.gather(*(anext(response) for response in responses))
         ]
     except BaseException:
         for response in responses:
@@ -205,21 +205,13 @@ async def _started(
         try:
             yield first
             async for item in response:
-                yield _chunk(item)
+                yield raised(item)
         finally:
             # Closed before the last chunk (the client went away): stop the generation on the replica now, not
             # whenever this generator is garbage-collected; the engine then frees the sequence's slot.
             response.cancel()
 
     return [from_first(first, response) for first, response in zip(firsts, responses)]
-
-
-def _chunk(item: GenerationChunk | ServiceUnavailable) -> GenerationChunk:
-    """A chunk of the chat replica's stream; its refusal, which it sends as an item (ChatDeployment.generate),
-    raised."""
-    if isinstance(item, ServiceUnavailable):
-        raise item
-    return item
 
 
 class _ChunkFramer:

@@ -10,7 +10,7 @@ import orjson
 from fastapi import Response
 
 from serve_app.config import LimitsConfig
-from serve_app.errors import InvalidRequest, ServiceUnavailable
+from serve_app.errors import InvalidRequest, raised
 from serve_app.limits import check_embedding_inputs
 from serve_app.protocol.engine import Embeddings
 from serve_app.protocol.openai import EmbeddingRequest
@@ -41,11 +41,7 @@ class EmbeddingService:
                     f"{request.dimensions}-d ones.",
                     param="dimensions",
                 )
-        answer = await model.handle.embed.remote(request.texts, received_at)
-        # The replica sends its refusal as a value (EmbeddingDeployment.embed says why).
-        if isinstance(answer, ServiceUnavailable):
-            raise answer
-        return model.name, answer
+        return model.name, raised(await model.handle.embed.remote(request.texts, received_at))
 
     async def create(self, request: EmbeddingRequest) -> Response:
         model, result = await self.embed(request)

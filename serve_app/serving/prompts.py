@@ -18,6 +18,7 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from deployments.tokenizer import ChatTokenizers
+from serve_app.errors import raised
 from serve_app.protocol.engine import ChatPrompt
 
 
@@ -44,7 +45,7 @@ class ChatPrompts:
             and _chars([messages, tools], self._local_max_chars) <= self._local_max_chars
         ):
             return self._local.render_chat(*args)
-        prompt: ChatPrompt = await self._tokenizer.render_chat.remote(*args)
+        prompt: ChatPrompt = raised(await self._tokenizer.render_chat.remote(*args))
         return prompt
 
 
