@@ -69,6 +69,7 @@ from _machine import (
     hog_until_closed,
     reported,
 )
+from _passes import median_levels, median_targets, passes_note
 from _server import add_transport_option, every_kind, interrupt_on_sigterm, launch_server, stop_server
 from embeddings import (
     CHAT_MODEL,
@@ -932,7 +933,9 @@ def print_table(results: dict[str, Any]) -> None:
         )
     for name, t in results.get("targets", {}).items():
         verdict = "-" if t["ratio"] is None else ("MET" if t["ratio"] >= t["target"] else "NOT MET")
-        print(f"  target {name}: {fmt(t['ratio'], '.2f').strip()} (>= {t['target']}) {verdict}")
+        print(
+            f"  target {name}: {fmt(t['ratio'], '.2f').strip()} (>= {t['target']}) {verdict}{passes_note(t)}"
+        )
     # The scaling target's context: the same ratio without Ray and HTTP (the engine's own ceiling on these cores),
     # and the peer's, whose single stream is slower (an SSE event per token).
     for name, load in (("engine (no Ray, no HTTP)", engine), ("peer", peer)):
@@ -1084,6 +1087,13 @@ def main() -> int:
         help="measure each server level this many times and keep the best (default 2)",
     )
     parser.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        help="measure the engine, glm-serve and the peer this many times, in turn: each level shows its median "
+        "pass, each target the median of the passes' ratios (default 1)",
+    )
+    parser.add_argument(
         "--foreign-max",
         type=float,
         default=10.0,
@@ -1173,9 +1183,40 @@ def main() -> int:
     if "limit" in parts:
         print("\n(a) in-process transformers (child process)", flush=True)
         results["limit"] = run_child("--limit-child", args)
+    passes: list[dict[str, Any]] = []
+    for number in range(1, args.passes + 1):
+        if args.passes > 1:
+            print(f"\n--- pass {number} of {args.passes} ---", flush=True)
+        passes.append(measure_pass(args, parts, folder, messages, concurrencies, rates, env_overrides))
+    results.update(merge_passes(passes))
+
+    hogs.close()
+    results["targets"] = median_targets([targets({**results, **found}) for found in passes])
+    results["wall_s"] = time.monotonic() - started
+    print_table(results)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {output}")
+    plot(results, output.with_suffix(".png"))
+    print(f"total {results['wall_s']:.0f} s")
+    return 0
+
+
+def measure_pass(
+    args: argparse.Namespace,
+    parts: set[str],
+    folder: Path,
+    messages: list[list[dict[str, str]]],
+    concurrencies: list[int],
+    rates: list[float],
+    env_overrides: dict[str, str],
+) -> dict[str, Any]:
+    """One pass: the engine alone, glm-serve and the peer, each measured at every level in turn."""
+    found: dict[str, Any] = {}
     if "engine" in parts:
         print("\n(a') glm-serve's engine in-process, no Ray, no HTTP (child process)", flush=True)
-        results["engine"] = run_child("--engine-child", args)
+        found["engine"] = run_child("--engine-child", args)
 
     if "glm" in parts:
         print("\n(b) glm-serve", flush=True)
@@ -1186,13 +1227,13 @@ def main() -> int:
         try:
             base = f"http://127.0.0.1:{args.port}"
             wait_http_ok(f"{base}/health", 300, proc)
-            results["glm_serve"] = {"startup_s": time.monotonic() - t0, "busy_at_start": machine_busy()}
+            found["glm_serve"] = {"startup_s": time.monotonic() - t0, "busy_at_start": machine_busy()}
             pid = find_pid(REPLICA_TITLE, proc.pid)
             if pid is None:
                 print(f"  (no process titled {REPLICA_TITLE!r}: no RSS figures)")
             else:
                 rss = RssMonitor(pid)
-            results["glm_serve"] |= measure_server(
+            found["glm_serve"] |= measure_server(
                 "glm-serve",
                 f"{base}/v1/chat/completions",
                 CHAT_MODEL,
@@ -1203,9 +1244,9 @@ def main() -> int:
                 rss,
             )
             if rss is not None:
-                results["glm_serve"]["chat_replica_rss"] = rss.stop()
+                found["glm_serve"]["chat_replica_rss"] = rss.stop()
                 rss = None
-            results["glm_serve"]["busy_at_end"] = machine_busy()
+            found["glm_serve"]["busy_at_end"] = machine_busy()
         finally:
             if rss is not None:
                 rss.stop()
@@ -1214,7 +1255,7 @@ def main() -> int:
     if "peer" in parts:
         print("\n(c) transformers serve --continuous-batching (the peer)", flush=True)
         if peer_missing(PEER_VENV, "transformers", f"'transformers[serving]=={_our_transformers_version()}'"):
-            results["peer"] = {"skipped": "venv missing"}
+            found["peer"] = {"skipped": "venv missing"}
         else:
             port = args.port + 1
             t0 = time.monotonic()
@@ -1222,14 +1263,14 @@ def main() -> int:
             try:
                 base = f"http://127.0.0.1:{port}"
                 wait_http_ok(f"{base}/health", 300, proc)
-                results["peer"] = {
+                found["peer"] = {
                     "startup_s": time.monotonic() - t0,
                     "busy_at_start": machine_busy(),
                     "model_id": str(folder),
                     "version": _peer_version(),
                 }
                 monitor = RssMonitor(proc.pid)
-                results["peer"] |= measure_server(
+                found["peer"] |= measure_server(
                     "peer",
                     f"{base}/v1/chat/completions",
                     str(folder),
@@ -1239,22 +1280,29 @@ def main() -> int:
                     args,
                     monitor,
                 )
-                results["peer"]["server_rss"] = monitor.stop()
-                results["peer"]["busy_at_end"] = machine_busy()
+                found["peer"]["server_rss"] = monitor.stop()
+                found["peer"]["busy_at_end"] = machine_busy()
             finally:
                 stop_server(proc)
 
-    hogs.close()
-    results["targets"] = targets(results)
-    results["wall_s"] = time.monotonic() - started
-    print_table(results)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {output}")
-    plot(results, output.with_suffix(".png"))
-    print(f"total {results['wall_s']:.0f} s")
-    return 0
+    return found
+
+
+def merge_passes(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each server's figures over the passes: its levels' median passes by tokens/s; the first pass's others."""
+    merged: dict[str, Any] = {}
+    for server in ("engine", "glm_serve", "peer"):
+        runs = [found[server] for found in passes if server in found]
+        if not runs:
+            continue
+        merged[server] = dict(runs[0])
+        for table in ("load", "at_rate"):
+            tables = [run[table] for run in runs if table in run]
+            if len(tables) > 1:
+                merged[server][table] = median_levels(tables, "tokens_per_s")
+    if len(passes) > 1:
+        merged["passes"] = passes
+    return merged
 
 
 def run_child(flag: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
     python bench/embeddings.py                  # everything: limit, glm-serve, infinity, latency
     python bench/embeddings.py --no-peer        # skip infinity-emb
-    python bench/embeddings.py --concurrency 32 --rounds 3   # glm-serve then infinity, three times alternately:
-                                                # each ratio is the median of the rounds' (this VM drifts)
+    python bench/embeddings.py --concurrency 32 --passes 3   # glm-serve then infinity, three times in turn:
+                                                # each ratio is the median of the passes' (bench/_passes.py)
     python bench/embeddings.py --only latency   # just the serving-path latency (quick, for tuning)
     python bench/embeddings.py --ray-defaults   # glm-serve with Ray's own defaults instead of SERVE_ENV's tuning
     python bench/embeddings.py --only glm --concurrency 32 --hog 2   # the rated load with two busy loops beside:
@@ -51,6 +51,7 @@ from _machine import (  # the script's folder is on sys.path
     hog_until_closed,
     reported,
 )
+from _passes import median_levels, median_targets, passes_note
 from _server import add_transport_option, every_kind, interrupt_on_sigterm, launch_server, stop_server
 
 BENCH = Path(__file__).resolve().parent
@@ -460,17 +461,17 @@ def start_infinity(port: int, log_path: Path) -> subprocess.Popen:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Rounds: glm-serve, then infinity, as many times as --rounds says
+# Passes: glm-serve, then infinity, as many times as --passes says
 
 
-def measure_round(
+def measure_pass(
     args: argparse.Namespace,
     parts: set[str],
     env_overrides: dict[str, str],
     sentences: list[str],
     latency: bool,
 ) -> dict[str, Any]:
-    """One round: each server started, loaded at every level, stopped; its serving-path latency if `latency`."""
+    """One pass: each server started, loaded at every level, stopped; its serving-path latency if `latency`."""
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     per_request_sizes = [int(p) for p in args.per_request.split(",")]
 
@@ -525,46 +526,42 @@ def measured(proc: subprocess.Popen, base: str, measure: Callable[[str], dict[st
         stop_process(proc)
 
 
-def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each server's figures over the rounds: per level, the round with the median sentences/s (of an even number,
-    the lower middle one; every round's kept under `rounds_sentences_per_s`), with the non-200 answers of every
-    round; the first round's latency."""
+def merge_passes(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each server's figures over the passes: its levels' median passes by sentences/s; the first pass's others."""
     merged: dict[str, Any] = {}
     for server in ("glm_serve", "infinity"):
-        runs = [r[server] for r in rounds if server in r]
+        runs = [found[server] for found in passes if server in found]
         if not runs:
             continue
         merged[server] = dict(runs[0])
         loads = [run["load"] for run in runs if "load" in run]
-        if len(loads) < 2:
-            continue
-        merged[server]["load"] = {}
-        for key in loads[0]:
-            levels = sorted((load[key] for load in loads), key=lambda level: level["sentences_per_s"])
-            median = dict(levels[(len(levels) - 1) // 2])
-            median["rounds_sentences_per_s"] = [load[key]["sentences_per_s"] for load in loads]
-            median["disturbed"] = any(level.get("disturbed") for level in levels)
-            refused: Counter[str] = Counter()
-            for level in levels:
-                refused.update(level["non_200"])
-            median["non_200"] = dict(refused)
-            merged[server]["load"][key] = median
-    if len(rounds) > 1:
-        merged["rounds"] = rounds
+        if len(loads) > 1:
+            merged[server]["load"] = median_levels(loads, "sentences_per_s")
+    if len(passes) > 1:
+        merged["passes"] = passes
     return merged
 
 
-def paired_ratio(rounds: list[dict[str, Any]], key: str) -> float | None:
-    """glm-serve / infinity at one level: the median of the rounds' ratios, each of two servers measured minutes
-    apart (this VM's speed drifts by several percent within an hour); None if a round's figure is not reported."""
-    ratios = []
-    for found in rounds:
-        glm = found.get("glm_serve", {}).get("load", {}).get(key, {})
-        peer = found.get("infinity", {}).get("load", {}).get(key, {})
-        ratios.append(ratio(reported(glm, "sentences_per_s"), reported(peer, "sentences_per_s")))
-    if not ratios or None in ratios:
-        return None
-    return statistics.median(r for r in ratios if r is not None)
+def targets(results: dict[str, Any], per_request_sizes: list[int]) -> dict[str, Any]:
+    """glm-serve at 32 clients against the in-process limit and against infinity, by sentences per request."""
+    limit_rate = (results.get("limit") or {}).get("sentences_per_s")
+    glm32 = results.get("glm_serve", {}).get("load", {})
+    peer32 = results.get("infinity", {}).get("load", {})
+    out: dict[str, Any] = {}
+    for per in per_request_sizes:
+        key = f"c32_per{per}"
+        g = reported(glm32.get(key, {}), "sentences_per_s")
+        if limit_rate:
+            out[f"glm-serve 32 clients x{per} / limit"] = {
+                "ratio": ratio(g, limit_rate),
+                "target": TARGET_VS_LIMIT,
+            }
+        if key in peer32:
+            out[f"glm-serve 32 clients x{per} / infinity"] = {
+                "ratio": ratio(g, reported(peer32[key], "sentences_per_s")),
+                "target": TARGET_VS_PEER.get(per, 1.0),
+            }
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -612,21 +609,12 @@ def print_table(results: dict[str, Any]) -> None:
             f"{fmt(ratio(g, limit), '9.2f'):>11}{fmt(ratio(g, p), '9.2f'):>14}{fmt(ratio(p, limit), '9.2f'):>16}"
             f"   non-200: {refused}"
         )
-    if rounds := results.get("rounds"):
-        print("  by round (glm-serve / infinity = ratio; each level's figure above is its median round):")
-        for key in glm:
-            figures = []
-            for found in rounds:
-                g = reported(found.get("glm_serve", {}).get("load", {}).get(key, {}), "sentences_per_s")
-                p = reported(found.get("infinity", {}).get("load", {}).get(key, {}), "sentences_per_s")
-                figures.append(
-                    f"{fmt(g, '.1f').strip()} / {fmt(p, '.1f').strip()} = {fmt(ratio(g, p), '.2f').strip()}"
-                )
-            print(f"    {key:<12} " + "; ".join(figures))
     targets = results.get("targets", {})
     for name, t in targets.items():
         verdict = "-" if t["ratio"] is None else ("MET" if t["ratio"] >= t["target"] else "NOT MET")
-        print(f"  target {name}: {fmt(t['ratio'], '.2f').strip()} (>= {t['target']}) {verdict}")
+        print(
+            f"  target {name}: {fmt(t['ratio'], '.2f').strip()} (>= {t['target']}) {verdict}{passes_note(t)}"
+        )
     for name, refused in results.get("refusals at rated load", {}).items():
         print(f"  target {name}: non-200 {refused or 0} (none) {'NOT MET' if refused else 'MET'}")
     for server in ("glm_serve", "infinity"):
@@ -675,11 +663,11 @@ def main() -> int:
     )
     parser.add_argument("--no-peer", action="store_true", help="skip infinity-emb")
     parser.add_argument(
-        "--rounds",
+        "--passes",
         type=int,
         default=1,
-        help="measure glm-serve then infinity this many times, alternately: each level reports its median round, "
-        "and a ratio the median of the rounds' ratios (default 1)",
+        help="measure glm-serve then infinity this many times, in turn: each level shows its median pass, each "
+        "target the median of the passes' ratios (default 1)",
     )
     add_hog_option(parser)
     parser.add_argument("--port", type=int, default=28110, help="glm-serve's port (infinity uses port+1)")
@@ -775,34 +763,22 @@ def main() -> int:
             else:
                 print(line, flush=True)
 
-    rounds: list[dict[str, Any]] = []
-    for number in range(1, args.rounds + 1):
-        if args.rounds > 1:
-            print(f"\n--- round {number} of {args.rounds} ---", flush=True)
-        rounds.append(measure_round(args, parts, env_overrides, sentences, latency=number == 1))
-    results.update(merge_rounds(rounds))
+    passes: list[dict[str, Any]] = []
+    for number in range(1, args.passes + 1):
+        if args.passes > 1:
+            print(f"\n--- pass {number} of {args.passes} ---", flush=True)
+        passes.append(measure_pass(args, parts, env_overrides, sentences, latency=number == 1))
+    results.update(merge_passes(passes))
 
     hogs.close()
-    limit_rate = (results.get("limit") or {}).get("sentences_per_s")
+    results["targets"] = median_targets(
+        [targets({**results, **found}, per_request_sizes) for found in passes]
+    )
     glm32 = results.get("glm_serve", {}).get("load", {})
-    peer32 = results.get("infinity", {}).get("load", {})
-    results["targets"] = {}
     for per in per_request_sizes:
-        key = f"c32_per{per}"
-        g = reported(glm32.get(key, {}), "sentences_per_s")
-        if limit_rate:
-            results["targets"][f"glm-serve 32 clients x{per} / limit"] = {
-                "ratio": ratio(g, limit_rate),
-                "target": TARGET_VS_LIMIT,
-            }
-        if key in peer32:
-            results["targets"][f"glm-serve 32 clients x{per} / infinity"] = {
-                "ratio": paired_ratio(rounds, key),
-                "target": TARGET_VS_PEER.get(per, 1.0),
-            }
-        if key in glm32:
-            results["refusals at rated load"] = results.get("refusals at rated load", {})
-            results["refusals at rated load"][f"glm-serve 32 clients x{per}"] = glm32[key]["non_200"]
+        if f"c32_per{per}" in glm32:
+            refusals = results.setdefault("refusals at rated load", {})
+            refusals[f"glm-serve 32 clients x{per}"] = glm32[f"c32_per{per}"]["non_200"]
 
     print_table(results)
     output = Path(args.output)
