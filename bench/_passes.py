@@ -4,9 +4,25 @@ in another pass. A level reports its median pass, and a target the median of the
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from collections import Counter
 from typing import Any
+
+
+def add_passes_option(parser: argparse.ArgumentParser, servers: str) -> None:
+    def passes(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of passes (1 or more)")
+        return int(text)
+
+    parser.add_argument(
+        "--passes",
+        type=passes,
+        default=1,
+        help=f"measure {servers} this many times, in turn: each level shows its median pass, each target the "
+        "median of the passes' ratios (default 1)",
+    )
 
 
 def median_levels(tables: list[dict[str, Any]], figure: str) -> dict[str, Any]:

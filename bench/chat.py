@@ -69,7 +69,7 @@ from _machine import (
     hog_until_closed,
     reported,
 )
-from _passes import median_levels, median_targets, passes_note
+from _passes import add_passes_option, median_levels, median_targets, passes_note
 from _server import add_transport_option, every_kind, interrupt_on_sigterm, launch_server, stop_server
 from embeddings import (
     CHAT_MODEL,
@@ -1086,13 +1086,7 @@ def main() -> int:
         default=2,
         help="measure each server level this many times and keep the best (default 2)",
     )
-    parser.add_argument(
-        "--passes",
-        type=int,
-        default=1,
-        help="measure the engine, glm-serve and the peer this many times, in turn: each level shows its median "
-        "pass, each target the median of the passes' ratios (default 1)",
-    )
+    add_passes_option(parser, "the engine, glm-serve and the peer")
     parser.add_argument(
         "--foreign-max",
         type=float,

@@ -51,7 +51,7 @@ from _machine import (  # the script's folder is on sys.path
     hog_until_closed,
     reported,
 )
-from _passes import median_levels, median_targets, passes_note
+from _passes import add_passes_option, median_levels, median_targets, passes_note
 from _server import add_transport_option, every_kind, interrupt_on_sigterm, launch_server, stop_server
 
 BENCH = Path(__file__).resolve().parent
@@ -662,13 +662,7 @@ def main() -> int:
         help="run only these parts (repeatable); latency runs against glm-serve",
     )
     parser.add_argument("--no-peer", action="store_true", help="skip infinity-emb")
-    parser.add_argument(
-        "--passes",
-        type=int,
-        default=1,
-        help="measure glm-serve then infinity this many times, in turn: each level shows its median pass, each "
-        "target the median of the passes' ratios (default 1)",
-    )
+    add_passes_option(parser, "glm-serve then infinity")
     add_hog_option(parser)
     parser.add_argument("--port", type=int, default=28110, help="glm-serve's port (infinity uses port+1)")
     parser.add_argument(
