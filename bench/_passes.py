@@ -42,6 +42,22 @@ def median_levels(tables: list[dict[str, Any]], figure: str) -> dict[str, Any]:
     return merged
 
 
+def merge_passes(passes: list[dict[str, Any]], figure: str) -> dict[str, Any]:
+    """The servers' figures over the passes (each pass: server -> its figures): each server's levels (its "load"
+    and "at_rate" tables) at their median passes by `figure`; its other figures from the first pass."""
+    merged: dict[str, Any] = {}
+    for server in dict.fromkeys(server for found in passes for server in found):
+        runs = [found[server] for found in passes if server in found]
+        merged[server] = dict(runs[0])
+        for table in ("load", "at_rate"):
+            tables = [run[table] for run in runs if table in run]
+            if len(tables) > 1:
+                merged[server][table] = median_levels(tables, figure)
+    if len(passes) > 1:
+        merged["passes"] = passes
+    return merged
+
+
 def median_targets(per_pass: list[dict[str, Any]]) -> dict[str, Any]:
     """Each target (name -> {ratio, target}) with the median of the passes' ratios; None if a pass has none."""
     out: dict[str, Any] = {}

@@ -69,7 +69,7 @@ from _machine import (
     hog_until_closed,
     reported,
 )
-from _passes import add_passes_option, median_levels, median_targets, passes_note
+from _passes import add_passes_option, median_targets, merge_passes, passes_note
 from _server import add_transport_option, every_kind, interrupt_on_sigterm, launch_server, stop_server
 from embeddings import (
     CHAT_MODEL,
@@ -1182,7 +1182,7 @@ def main() -> int:
         if args.passes > 1:
             print(f"\n--- pass {number} of {args.passes} ---", flush=True)
         passes.append(measure_pass(args, parts, folder, messages, concurrencies, rates, env_overrides))
-    results.update(merge_passes(passes))
+    results.update(merge_passes(passes, "tokens_per_s"))
 
     hogs.close()
     results["targets"] = median_targets([targets({**results, **found}) for found in passes])
@@ -1280,23 +1280,6 @@ def measure_pass(
                 stop_server(proc)
 
     return found
-
-
-def merge_passes(passes: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each server's figures over the passes: its levels' median passes by tokens/s; the first pass's others."""
-    merged: dict[str, Any] = {}
-    for server in ("engine", "glm_serve", "peer"):
-        runs = [found[server] for found in passes if server in found]
-        if not runs:
-            continue
-        merged[server] = dict(runs[0])
-        for table in ("load", "at_rate"):
-            tables = [run[table] for run in runs if table in run]
-            if len(tables) > 1:
-                merged[server][table] = median_levels(tables, "tokens_per_s")
-    if len(passes) > 1:
-        merged["passes"] = passes
-    return merged
 
 
 def run_child(flag: str, args: argparse.Namespace) -> dict[str, Any]:

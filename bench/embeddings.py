@@ -51,7 +51,7 @@ from _machine import (  # the script's folder is on sys.path
     hog_until_closed,
     reported,
 )
-from _passes import add_passes_option, median_levels, median_targets, passes_note
+from _passes import add_passes_option, median_targets, merge_passes, passes_note
 from _server import add_transport_option, every_kind, interrupt_on_sigterm, launch_server, stop_server
 
 BENCH = Path(__file__).resolve().parent
@@ -526,22 +526,6 @@ def measured(proc: subprocess.Popen, base: str, measure: Callable[[str], dict[st
         stop_process(proc)
 
 
-def merge_passes(passes: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each server's figures over the passes: its levels' median passes by sentences/s; the first pass's others."""
-    merged: dict[str, Any] = {}
-    for server in ("glm_serve", "infinity"):
-        runs = [found[server] for found in passes if server in found]
-        if not runs:
-            continue
-        merged[server] = dict(runs[0])
-        loads = [run["load"] for run in runs if "load" in run]
-        if len(loads) > 1:
-            merged[server]["load"] = median_levels(loads, "sentences_per_s")
-    if len(passes) > 1:
-        merged["passes"] = passes
-    return merged
-
-
 def targets(results: dict[str, Any], per_request_sizes: list[int]) -> dict[str, Any]:
     """glm-serve at 32 clients against the in-process limit and against infinity, by sentences per request."""
     limit_rate = (results.get("limit") or {}).get("sentences_per_s")
@@ -762,7 +746,7 @@ def main() -> int:
         if args.passes > 1:
             print(f"\n--- pass {number} of {args.passes} ---", flush=True)
         passes.append(measure_pass(args, parts, env_overrides, sentences, latency=number == 1))
-    results.update(merge_passes(passes))
+    results.update(merge_passes(passes, "sentences_per_s"))
 
     hogs.close()
     results["targets"] = median_targets(

@@ -12,7 +12,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from _passes import median_levels, median_targets, passes_note
+from _passes import median_levels, median_targets, merge_passes, passes_note
 
 
 def test_a_target_is_the_median_of_the_passes_ratios() -> None:
@@ -41,6 +41,28 @@ def test_a_level_shows_its_median_pass_and_every_passes_refusals() -> None:
     assert (level["tokens_per_s"], level["ttft_p50_ms"]) == (200.0, 80)  # one pass's figures, not a mix
     assert level["passes"] == [300.0, 100.0, 200.0]
     assert level["non_200"] == {"503": 3, "500": 1}
+
+
+def test_a_server_keeps_its_first_pass_figures_beside_its_median_levels() -> None:
+    passes = [
+        {
+            "glm": {"startup_s": 9.0, "load": {"c32": {"tokens_per_s": 3.0}}},
+            "peer": {"skipped": "venv missing"},
+        },
+        {
+            "glm": {"startup_s": 7.0, "load": {"c32": {"tokens_per_s": 1.0}}},
+            "peer": {"skipped": "venv missing"},
+        },
+        {
+            "glm": {"startup_s": 8.0, "load": {"c32": {"tokens_per_s": 2.0}}},
+            "peer": {"skipped": "venv missing"},
+        },
+    ]
+    merged = merge_passes(passes, "tokens_per_s")
+    assert merged["glm"]["startup_s"] == 9.0
+    assert merged["glm"]["load"]["c32"]["tokens_per_s"] == 2.0
+    assert merged["peer"] == {"skipped": "venv missing"}
+    assert merged["passes"] == passes
 
 
 @pytest.mark.parametrize("script", ["embeddings.py", "chat.py"])
