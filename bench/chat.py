@@ -521,20 +521,25 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deployments.chat_engine.continuous import ContinuousBatchingEngine
+    from deployments.cpu_affinity import pin_to_one_cpu
     from deployments.model_files import end_token_ids
     from serve_app.builder import parse_config
-    from serve_app.profiles import CHAT_CPU_THREADS, cpu_demo_args
+    from serve_app.profiles import cpu_demo_args
     from serve_app.protocol.engine import GenerateRequest, SamplingParams
 
-    torch.set_num_threads(args.chat_threads or CHAT_CPU_THREADS)  # as the chat replica of the CPU profile
+    # As the CPU profile's chat replica runs, with the options glm-serve is started with (chat_overrides).
+    config = cpu_demo_args(args.cache_dir)
+    config["chat_models"][0].update(chat_overrides(args))
+    profile = parse_config(config).chat_models[0]
+    torch.set_num_threads(profile.cpu_threads or torch.get_num_threads())
+    if profile.pin_to_one_cpu:
+        pin_to_one_cpu(0)  # this thread runs the clients' loop, as the replica's thread does its requests
     folder = model_folder(args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompts = prompt_ids(tokenizer, make_messages(args.prompts, args.prompt_tokens))
     ends = end_token_ids(model.generation_config.eos_token_id, tokenizer)
-    # As the CPU profile's chat replica does, unless --prefill-chunk-tokens says otherwise.
-    profile = parse_config(cpu_demo_args(args.cache_dir)).chat_models[0]
-    chunk = args.prefill_chunk_tokens or profile.prefill_chunk_tokens
+    chunk = profile.prefill_chunk_tokens
     engine = ContinuousBatchingEngine(model, tokenizer, ends, 32, model.config.max_position_embeddings, chunk)
     forward = {"s": 0.0, "calls": 0}
     original = model.forward
@@ -748,9 +753,21 @@ def chat_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if args.chat_threads:
         overrides["cpu_threads"] = args.chat_threads
+    if args.no_pin or (args.chat_threads or 1) != 1:
+        overrides["pin_to_one_cpu"] = False
     if args.prefill_chunk_tokens:
         overrides["prefill_chunk_tokens"] = args.prefill_chunk_tokens
     return overrides
+
+
+def chat_option_args(args: argparse.Namespace) -> list[str]:
+    """The command-line options that chat_overrides reads, for a child process that must run as this one."""
+    options = ["--no-pin"] if args.no_pin else []
+    if args.chat_threads:
+        options += ["--chat-threads", str(args.chat_threads)]
+    if args.prefill_chunk_tokens:
+        options += ["--prefill-chunk-tokens", str(args.prefill_chunk_tokens)]
+    return options
 
 
 def serve_child(args: argparse.Namespace) -> None:
@@ -773,10 +790,7 @@ def start_glm_serve(
     command = [sys.executable, __file__, "--serve-child", "--port", str(args.port), "--temp-dir", temp_dir]
     if args.cache_dir:
         command += ["--cache-dir", args.cache_dir]
-    if args.chat_threads:
-        command += ["--chat-threads", str(args.chat_threads)]
-    if args.prefill_chunk_tokens:
-        command += ["--prefill-chunk-tokens", str(args.prefill_chunk_tokens)]
+    command += chat_option_args(args)
     if args.handle_transport:
         command += ["--handle-transport", args.handle_transport]
     return launch_server(command, env, args.port, log_path)
@@ -1112,7 +1126,13 @@ def main() -> int:
         "--chat-threads",
         type=int,
         default=None,
-        help="torch threads of the chat replica and the engine part (default: the CPU profile's, 1)",
+        help="torch threads of the chat replica and the engine part (default: the CPU profile's, 1; other than 1, "
+        "their threads are not pinned to one CPU)",
+    )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="leave the chat replica's and the engine part's threads free to move between CPUs (pin_to_one_cpu)",
     )
     parser.add_argument("--output", default=str(RESULTS / "chat.json"))
     add_transport_option(parser)
@@ -1309,10 +1329,7 @@ def run_child(flag: str, args: argparse.Namespace) -> dict[str, Any]:
     command += ["--cb-max-batch-tokens", str(args.cb_max_batch_tokens)]
     if args.cache_dir:
         command += ["--cache-dir", args.cache_dir]
-    if args.chat_threads:
-        command += ["--chat-threads", str(args.chat_threads)]
-    if args.prefill_chunk_tokens:
-        command += ["--prefill-chunk-tokens", str(args.prefill_chunk_tokens)]
+    command += chat_option_args(args)
     with CpuWindow() as cpu:
         child = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     result: dict[str, Any] = {}

@@ -15,6 +15,7 @@ from deployments.chat_engine.capability import check_vocabulary, choose_engine
 from deployments.chat_engine.continuous import ContinuousBatchingEngine
 from deployments.chat_engine.jobs import Engine
 from deployments.chat_engine.sequential import SequentialEngine
+from deployments.cpu_affinity import pin_to_one_cpu
 from deployments.model_files import (
     context_window,
     end_token_ids,
@@ -40,6 +41,10 @@ class ChatDeployment:
         import torch
         from transformers import AutoModelForCausalLM
 
+        # The constructor runs on the replica's event loop thread; the engine's thread, started below, inherits it.
+        self._cpu = (
+            pin_to_one_cpu(serve.get_replica_context().rank.local_rank) if config.pin_to_one_cpu else None
+        )
         device = resolve_device(config.device, config.cpu_threads)
         self._tokenizer = load_tokenizer(config)
         model = AutoModelForCausalLM.from_pretrained(
@@ -96,9 +101,11 @@ class ChatDeployment:
 
     def status(self) -> dict[str, Any]:
         """Answered for /health: the sequences this replica is generating (`running_sequences`, the batch),
-        those waiting for a place in it, the streams open on it (those two plus streams relaying their end), and
-        the queue deadline as measured now (null before the first step)."""
+        those waiting for a place in it, the streams open on it (those two plus streams relaying their end), the
+        queue deadline as measured now (null before the first step), and the CPU its threads are pinned to (null
+        when they are not: `pin_to_one_cpu`)."""
         return {
+            "cpu": self._cpu,
             "running_sequences": self._engine.running_sequences,
             "waiting_sequences": self._engine.waiting_sequences,
             "open_streams": self._engine.open_streams,

@@ -134,6 +134,10 @@ class ChatModelConfig(_Strict):
     dtype: DType = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     max_model_len: Annotated[int | None, Field(ge=16)] = None  # default: the model's own window
     cpu_threads: CpuThreads = None
+    # The replica's event loop and its engine's thread on one CPU (one per replica on a node, by local rank): they
+    # take turns holding the GIL, and on two CPUs each turn is a cross-CPU sleep and wake-up
+    # (deployments/cpu_affinity.py). For CPU replicas of one torch thread, which the pin would also hold.
+    pin_to_one_cpu: bool = False
     # continuous: many conversations share each forward pass (transformers' native full-attention models, e.g.
     # GLM-4); sequential: one at a time through model.generate (sliding-window or mixed attention layers, remote
     # code); auto: continuous when the replica's load-time check finds it can drive the model, else sequential.
@@ -155,6 +159,15 @@ class ChatModelConfig(_Strict):
     deployment: DeploymentOptions = DeploymentOptions(
         max_ongoing_requests=32, ray_actor_options=ActorOptions(num_gpus=1)
     )
+
+    @model_validator(mode="after")
+    def _pin_holds_one_thread(self) -> ChatModelConfig:
+        if self.pin_to_one_cpu and (self.device != "cpu" or self.cpu_threads != 1):
+            raise ValueError(
+                f"chat model {self.name!r}: pin_to_one_cpu needs device: cpu and cpu_threads: 1 (torch's threads "
+                "would share the one CPU)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batch_fits(self) -> ChatModelConfig:

@@ -83,6 +83,9 @@ def cpu_demo_args(
                 "path": str(ensure_tiny_glm(cache_dir, spec or TinyGlmSpec())),
                 "device": "cpu",
                 "cpu_threads": CHAT_CPU_THREADS,
+                # Its event loop and the engine's thread on one CPU: they take turns holding the GIL, and across two
+                # CPUs each turn is a sleep and a wake-up (bench/chat.py at 16 streams: ~3200 vs ~2900 tokens/s).
+                "pin_to_one_cpu": True,
                 "max_num_seqs": RATED_CLIENTS,
                 # A 1,000-token prompt joins in two chunks, so running streams wait ~one chunk, not the whole
                 # prompt, per token (bench/chat.py --prompt-tokens 1000 --concurrency 16: gap p99 153 ms; 439 ms

@@ -116,6 +116,20 @@ def test_the_chat_batch_must_fit_the_replica(serve_config: dict[str, Any]) -> No
 
 
 @pytest.mark.parametrize(
+    "threads", [{"device": "cpu", "cpu_threads": 2}, {"device": "cpu"}, {"device": "auto", "cpu_threads": 1}]
+)
+def test_a_chat_replica_is_pinned_to_one_cpu_only_with_one_cpu_thread(
+    serve_config: dict[str, Any], threads: dict[str, Any]
+) -> None:
+    args = _args(serve_config)
+    args["chat_models"][0] |= {"pin_to_one_cpu": True, **threads}
+    with pytest.raises(ConfigError, match="pin_to_one_cpu needs device: cpu and cpu_threads: 1"):
+        parse_config(args)
+    args["chat_models"][0] |= {"device": "cpu", "cpu_threads": 1}
+    assert parse_config(args).chat_models[0].pin_to_one_cpu
+
+
+@pytest.mark.parametrize(
     ("deadline", "field"),
     [
         ({"batches": 0}, "batches"),

@@ -39,7 +39,7 @@ class Job:
         self.cancelled = threading.Event()
         self.queue: asyncio.Queue[Emitted] = asyncio.Queue()
         self.loop = loop
-        self.next_send = 0.0  # the outbox's: when this stream may be sent its next increment
+        self.started = False  # the outbox's: whether this stream was sent its first increment
         self._outbox = outbox
 
     def emit(self, item: Emitted) -> None:
@@ -50,13 +50,17 @@ class Job:
 class Outbox:
     """The worker's side of every stream. Increments are held per job and handed to the event loop in one call
     per `flush` (the engine flushes once per turn): a call wakes the loop's thread, which competes with the worker
-    for the CPU and the GIL, so one wake-up per step beats one per token per stream. A stream is sent its held
-    text at most once per `interval_s`, but its first increment and its end at once: every message costs CPU in
-    three processes (replica, ingress, proxy), and one per token starves the model on a small machine, while
-    the time to first token does not change."""
+    for the CPU and the GIL, so one wake-up per step beats one per token per stream. A stream is sent its first
+    increment and its end at once, and otherwise what it holds at the outbox's next tick, once per `interval_s`
+    for all streams together: every message costs CPU in three processes (replica, ingress, proxy), and one per
+    token starves the model on a small machine, while the time to first token does not change. Shared ticks
+    wake the loop once per interval, not at every step where some stream's own interval has run out (16 streams:
+    ~20 wake-ups a second instead of ~250; `python bench/chat.py --only glm --concurrency 16 --rates ''
+    --repeat 1 --rounds 60`, alternating, five runs each: 2881 vs 2726 tokens/s on average)."""
 
     def __init__(self, interval_s: float) -> None:
         self._interval_s = interval_s
+        self._next_tick = 0.0
         self._held: dict[Job, Emitted] = {}
         self._lock = threading.Lock()  # put and flush come from the worker, forget from the event loop
 
@@ -71,13 +75,16 @@ class Outbox:
     def flush(self) -> None:
         """Hand every stream's due increments to its event loop: one call per loop."""
         now = time.monotonic()
+        tick = now >= self._next_tick
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Emitted]]] = {}
         with self._lock:
             for job, item in list(self._held.items()):
-                if not _continues(item) or now >= job.next_send:
+                if tick or not job.started or not _continues(item):
                     del self._held[job]
-                    job.next_send = now + self._interval_s
+                    job.started = True
                     by_loop.setdefault(job.loop, []).append((job, item))
+            if tick and by_loop:
+                self._next_tick = now + self._interval_s
         for loop, deliveries in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, deliveries)
