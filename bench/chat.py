@@ -522,25 +522,26 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
 
     from deployments.chat_engine.continuous import ContinuousBatchingEngine
     from deployments.cpu_affinity import pin_to_one_cpu
-    from deployments.model_files import end_token_ids
-    from serve_app.builder import parse_config
-    from serve_app.profiles import cpu_demo_args
+    from deployments.model_files import end_token_ids, resolve_device
     from serve_app.protocol.engine import GenerateRequest, SamplingParams
 
-    # As the CPU profile's chat replica runs, with the options glm-serve is started with (chat_overrides).
-    config = cpu_demo_args(args.cache_dir)
-    config["chat_models"][0].update(chat_overrides(args))
-    profile = parse_config(config).chat_models[0]
-    torch.set_num_threads(profile.cpu_threads or torch.get_num_threads())
+    profile = bench_config(args).chat_models[0]  # the chat replica's config in (b)
+    resolve_device(profile.device, profile.cpu_threads)
     if profile.pin_to_one_cpu:
         pin_to_one_cpu(0)  # this thread runs the clients' loop, as the replica's thread does its requests
-    folder = model_folder(args.cache_dir)
+    folder = profile.path
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompts = prompt_ids(tokenizer, make_messages(args.prompts, args.prompt_tokens))
     ends = end_token_ids(model.generation_config.eos_token_id, tokenizer)
-    chunk = profile.prefill_chunk_tokens
-    engine = ContinuousBatchingEngine(model, tokenizer, ends, 32, model.config.max_position_embeddings, chunk)
+    engine = ContinuousBatchingEngine(
+        model,
+        tokenizer,
+        ends,
+        profile.max_num_seqs,
+        model.config.max_position_embeddings,
+        profile.prefill_chunk_tokens,
+    )
     forward = {"s": 0.0, "calls": 0}
     original = model.forward
 
@@ -735,18 +736,19 @@ def measure_limit(args: argparse.Namespace) -> dict[str, Any]:
 # The servers
 
 
-def demo_app(cache_dir: str | None, chat_overrides: dict[str, Any], transport: str | None) -> Any:
-    """The demo profile with the benchmark model; `chat_overrides` change the chat model's config (--chat-threads
-    sets cpu_threads, --prefill-chunk-tokens prefill_chunk_tokens), `transport` its handle_transport."""
-    from serve_app.builder import bind_graph, parse_config
+def bench_config(args: argparse.Namespace) -> Any:
+    """The demo profile with the benchmark model, as glm-serve and the engine part both run it: chat_overrides
+    change the chat model's config (--chat-threads, --no-pin, --prefill-chunk-tokens), --handle-transport its
+    handle_transport."""
+    from serve_app.builder import parse_config
     from serve_app.profiles import cpu_demo_args
     from serve_app.tiny_glm import TinyGlmSpec
 
-    config = cpu_demo_args(cache_dir, TinyGlmSpec(**BENCH_SPEC))
-    config["chat_models"][0].update(chat_overrides)
-    if transport:
-        config["handle_transport"] = every_kind(transport)
-    return bind_graph(parse_config(config))
+    config = cpu_demo_args(args.cache_dir, TinyGlmSpec(**BENCH_SPEC))
+    config["chat_models"][0].update(chat_overrides(args))
+    if args.handle_transport:
+        config["handle_transport"] = every_kind(args.handle_transport)
+    return parse_config(config)
 
 
 def chat_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -772,7 +774,9 @@ def chat_option_args(args: argparse.Namespace) -> list[str]:
 
 def serve_child(args: argparse.Namespace) -> None:
     """glm-serve's demo profile with the benchmark model, until SIGTERM."""
-    app = demo_app(args.cache_dir, chat_overrides(args), args.handle_transport)
+    from serve_app.builder import bind_graph
+
+    app = bind_graph(bench_config(args))
     serve_until_sigterm(app, args.port, args.temp_dir)
 
 
