@@ -9,6 +9,8 @@
     python bench/chat.py --only glm --concurrency 32 --hog 2   # the rated load, two busy loops beside: a machine
                                             # about twice as slow must still answer only 200s
     python bench/chat.py --only glm --only peer --concurrency 16 --rates 12,16,20   # TTFT at equal load
+    python bench/chat.py --only glm --concurrency 16,32 --rates '' --no-prefill-thread   # prefill between decode
+                                            # steps on the worker's CPU, not beside them on the other one
 
 All three run the LARGER tiny GLM (hidden 256, intermediate 512, 4 layers; random weights) from one model folder,
 on one fixed list of chat prompts (a short instruction plus one of bench/embeddings.py's sentences), greedy
@@ -521,14 +523,15 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deployments.chat_engine.continuous import ContinuousBatchingEngine
-    from deployments.cpu_affinity import pin_to_one_cpu
+    from deployments.cpu_affinity import cpus_besides, pin_to_one_cpu, usable_cpus
     from deployments.model_files import end_token_ids, resolve_device
     from serve_app.protocol.engine import GenerateRequest, SamplingParams
 
     profile = bench_config(args).chat_models[0]  # the chat replica's config in (b)
     resolve_device(profile.device, profile.cpu_threads)
-    if profile.pin_to_one_cpu:
-        pin_to_one_cpu(0)  # this thread runs the clients' loop, as the replica's thread does its requests
+    cpus = usable_cpus()
+    # This thread runs the clients' loop, as the replica's thread does its requests.
+    pinned = pin_to_one_cpu(0) if profile.pin_to_one_cpu else None
     folder = profile.path
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -541,6 +544,8 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
         profile.max_num_seqs,
         model.config.max_position_embeddings,
         profile.prefill_chunk_tokens,
+        prefill_thread=profile.prefill_thread,
+        prefill_cpus=cpus_besides(pinned, cpus) if profile.prefill_thread else None,
     )
     forward = {"s": 0.0, "calls": 0}
     original = model.forward
@@ -738,7 +743,8 @@ def measure_limit(args: argparse.Namespace) -> dict[str, Any]:
 
 def bench_config(args: argparse.Namespace) -> Any:
     """The demo profile with the benchmark model, as glm-serve and the engine part both run it: chat_overrides
-    change the chat model's config (--chat-threads, --no-pin, --prefill-chunk-tokens), --handle-transport its
+    change the chat model's config (--chat-threads, --no-pin, --no-prefill-thread, --prefill-chunk-tokens),
+    --handle-transport its
     handle_transport."""
     from serve_app.builder import parse_config
     from serve_app.profiles import cpu_demo_args
@@ -757,6 +763,8 @@ def chat_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["cpu_threads"] = args.chat_threads
     if args.no_pin or (args.chat_threads or 1) != 1:
         overrides["pin_to_one_cpu"] = False
+    if args.no_prefill_thread:
+        overrides["prefill_thread"] = False
     if args.prefill_chunk_tokens:
         overrides["prefill_chunk_tokens"] = args.prefill_chunk_tokens
     return overrides
@@ -765,6 +773,8 @@ def chat_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def chat_option_args(args: argparse.Namespace) -> list[str]:
     """The command-line options that chat_overrides reads, for a child process that must run as this one."""
     options = ["--no-pin"] if args.no_pin else []
+    if args.no_prefill_thread:
+        options.append("--no-prefill-thread")
     if args.chat_threads:
         options += ["--chat-threads", str(args.chat_threads)]
     if args.prefill_chunk_tokens:
@@ -1137,6 +1147,12 @@ def main() -> int:
         "--no-pin",
         action="store_true",
         help="leave the chat replica's and the engine part's threads free to move between CPUs (pin_to_one_cpu)",
+    )
+    parser.add_argument(
+        "--no-prefill-thread",
+        action="store_true",
+        help="prefill on the engine's worker thread, between decode steps, not on a thread of its own "
+        "(prefill_thread)",
     )
     parser.add_argument("--output", default=str(RESULTS / "chat.json"))
     add_transport_option(parser)

@@ -15,7 +15,7 @@ from deployments.chat_engine.capability import check_vocabulary, choose_engine
 from deployments.chat_engine.continuous import ContinuousBatchingEngine
 from deployments.chat_engine.jobs import Engine
 from deployments.chat_engine.sequential import SequentialEngine
-from deployments.cpu_affinity import pin_to_one_cpu
+from deployments.cpu_affinity import cpus_besides, pin_to_one_cpu, usable_cpus
 from deployments.model_files import (
     context_window,
     end_token_ids,
@@ -42,9 +42,12 @@ class ChatDeployment:
         from transformers import AutoModelForCausalLM
 
         # The constructor runs on the replica's event loop thread; the engine's thread, started below, inherits it.
+        # A prefill thread goes to the other CPUs.
+        cpus = usable_cpus()
         self._cpu = (
             pin_to_one_cpu(serve.get_replica_context().rank.local_rank) if config.pin_to_one_cpu else None
         )
+        self._prefill_cpus = cpus_besides(self._cpu, cpus) if config.prefill_thread else None
         device = resolve_device(config.device, config.cpu_threads)
         self._tokenizer = load_tokenizer(config)
         model = AutoModelForCausalLM.from_pretrained(
@@ -75,6 +78,8 @@ class ChatDeployment:
                 config.max_num_seqs,
                 context_window(config),
                 config.prefill_chunk_tokens,
+                prefill_thread=config.prefill_thread,
+                prefill_cpus=self._prefill_cpus,
                 **options,
             )
         else:
@@ -102,10 +107,11 @@ class ChatDeployment:
     def status(self) -> dict[str, Any]:
         """Answered for /health: the sequences this replica is generating (`running_sequences`, the batch),
         those waiting for a place in it, the streams open on it (those two plus streams relaying their end), the
-        queue deadline as measured now (null before the first step), and the CPU its threads are pinned to (null
-        when they are not: `pin_to_one_cpu`)."""
+        queue deadline as measured now (null before the first step), the CPU its threads are pinned to (null
+        when they are not: `pin_to_one_cpu`), and those of its prefill thread (null without one, or unpinned)."""
         return {
             "cpu": self._cpu,
+            "prefill_cpus": sorted(self._prefill_cpus) if self._prefill_cpus else None,
             "running_sequences": self._engine.running_sequences,
             "waiting_sequences": self._engine.waiting_sequences,
             "open_streams": self._engine.open_streams,

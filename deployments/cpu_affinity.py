@@ -14,6 +14,11 @@ from __future__ import annotations
 import os
 
 
+def usable_cpus() -> set[int]:
+    """The CPUs the calling thread may run on (empty where the OS does not say)."""
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+
+
 def pin_to_one_cpu(slot: int) -> int | None:
     """Pin the calling thread, and every thread it starts from now on, to one of the CPUs this process may use:
     the `slot`-th, counted round (replicas sharing a node pass their local rank, so they take different CPUs).
@@ -24,3 +29,17 @@ def pin_to_one_cpu(slot: int) -> int | None:
     cpu = cpus[slot % len(cpus)]
     os.sched_setaffinity(0, {cpu})  # 0: on Linux, the calling thread alone
     return cpu
+
+
+def cpus_besides(pinned: int | None, cpus: set[int]) -> set[int] | None:
+    """Where a thread goes that should leave the `pinned` CPU to the pinned threads: the other `cpus` (all of them
+    when there is no other). None when nothing is pinned: such a thread may run anywhere."""
+    if pinned is None or not cpus:
+        return None
+    return (cpus - {pinned}) or cpus
+
+
+def pin_thread(cpus: set[int]) -> None:
+    """Pin the calling thread to `cpus` (of those this process may use); nothing where the OS cannot pin."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)

@@ -148,6 +148,10 @@ class ChatModelConfig(_Strict):
     # much work (one forward pass, or several when more prompts arrive during one, as a burst's do); a longer
     # prompt is prefilled in chunks of it, one per step.
     prefill_chunk_tokens: Annotated[int, Field(ge=16)] = 2048
+    # Prefill on a thread of its own (the continuous engine; on the CPUs that pin_to_one_cpu leaves, when pinned):
+    # decode steps stall for no prompt and a new stream's first token waits for no decode step. For CPU replicas,
+    # whose other cores are otherwise idle; on an accelerator both threads would queue on the one device.
+    prefill_thread: bool = False
     # Streamed text is sent at most this often per stream (the first increment at once); 0 sends every token.
     stream_interval_ms: Annotated[float, Field(ge=0)] = 50.0
     # Steps: a waiting stream waits for a prefill chunk's turn, or, when every slot is taken, for the running
@@ -166,6 +170,15 @@ class ChatModelConfig(_Strict):
             raise ValueError(
                 f"chat model {self.name!r}: pin_to_one_cpu needs device: cpu and cpu_threads: 1 (torch's threads "
                 "would share the one CPU)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _prefill_thread_on_cpu(self) -> ChatModelConfig:
+        if self.prefill_thread and self.device != "cpu":
+            raise ValueError(
+                f"chat model {self.name!r}: prefill_thread needs device: cpu (on an accelerator its passes would "
+                "queue behind the decode steps on the one device)"
             )
         return self
 

@@ -227,9 +227,9 @@ def main(port: int) -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"
         args = cpu_demo_args()
-        # A declared GPU with no CUDA behind it: "auto" must fall back to CPU. Not pinned to one CPU, as on a cluster
-        # (the config refuses the pin for a device that may be a GPU).
-        args["chat_models"][0] |= {"device": "auto", "pin_to_one_cpu": False}
+        # A declared GPU with no CUDA behind it: "auto" must fall back to CPU. Not pinned to one CPU and no prefill
+        # thread, as on a cluster (the config refuses both for a device that may be a GPU).
+        args["chat_models"][0] |= {"device": "auto", "pin_to_one_cpu": False, "prefill_thread": False}
         findings: dict[str, Any] = {}
         if "placement" in ACTS:
             findings["placement"] = act_placement(url, args, gpu_node_ids)

@@ -129,6 +129,15 @@ def test_a_chat_replica_is_pinned_to_one_cpu_only_with_one_cpu_thread(
     assert parse_config(args).chat_models[0].pin_to_one_cpu
 
 
+def test_a_prefill_thread_is_for_cpu_replicas_only(serve_config: dict[str, Any]) -> None:
+    args = _args(serve_config)
+    args["chat_models"][0] |= {"prefill_thread": True, "device": "auto"}
+    with pytest.raises(ConfigError, match="prefill_thread needs device: cpu"):
+        parse_config(args)
+    args["chat_models"][0]["device"] = "cpu"
+    assert parse_config(args).chat_models[0].prefill_thread
+
+
 @pytest.mark.parametrize(
     ("deadline", "field"),
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from typing import Any
@@ -218,9 +219,9 @@ class _OneWave(ContinuousBatchingEngine):
             time.sleep(0.001)
         super()._admit()
 
-    def _prefill_slots(self, jobs: list[Any], slots: list[int]) -> Any:
+    def _prefill_slots(self, jobs: list[Any], slots: list[int], cache: Any = None) -> Any:
         self.passes.append([len(job.request.prompt_token_ids) for job in jobs])
-        return super()._prefill_slots(jobs, slots)
+        return super()._prefill_slots(jobs, slots, cache)
 
 
 def test_prompts_that_share_a_row_of_a_prefill_pass_each_see_only_themselves(parts: Any) -> None:
@@ -262,3 +263,66 @@ def test_a_stream_gets_its_first_increment_at_once_then_one_message_per_interval
     assert "".join(c.text for c in per_interval) == "".join(c.text for c in per_token)
     assert per_interval[0] == per_token[0]  # the first increment is not held back
     assert per_interval[-1].finish_reason == per_token[-1].finish_reason is not None
+
+
+@pytest.mark.parametrize("chunk_tokens", [16, 2048])
+def test_with_a_prefill_thread_streams_equal_generate(parts: Any, chunk_tokens: int) -> None:
+    """Prompts prefilled on a thread of their own, into free slots above the running ones (in chunks of 16 tokens,
+    the long ones, into the staging slot), then moved into the batch: more requests than slots, so some wait and
+    join while others decode, and one that ends with its first token never joins."""
+    model, tokenizer, ends = parts
+    engine = ContinuousBatchingEngine(
+        model,
+        tokenizer,
+        ends,
+        max_num_seqs=4,
+        max_model_len=512,
+        prefill_chunk_tokens=chunk_tokens,
+        prefill_thread=True,
+    )
+    try:
+        requests = [request(tokenizer, i) for i in (0, 7, 1, 9, 3, 5, 6, 8)]
+        requests.append(request(tokenizer, 2, max_tokens=1))
+        assert max(len(r.prompt_token_ids) for r in requests) > 3 * 16
+        assert run(engine, requests) == [generate_text(model, tokenizer, ends, r) for r in requests]
+        assert engine.running_sequences == 0 and engine.waiting_sequences == 0
+    finally:
+        engine.close()
+
+
+def test_a_failing_prefill_on_the_prefill_thread_fails_only_its_request(parts: Any) -> None:
+    model, tokenizer, ends = parts
+    engine = ContinuousBatchingEngine(
+        model, tokenizer, ends, max_num_seqs=4, max_model_len=512, prefill_thread=True
+    )
+    broken = GenerateRequest(
+        "bad", [10**6], SamplingParams(max_tokens=4, temperature=0.0)
+    )  # id past the vocab
+    good = request(tokenizer, 1)
+    try:
+        failed, served = run(engine, [broken, good], return_exceptions=True)
+        assert isinstance(failed, (IndexError, RuntimeError))
+        assert served == generate_text(model, tokenizer, ends, good)
+        engine.check_alive()
+    finally:
+        engine.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no thread affinity on this OS")
+def test_the_prefill_thread_runs_on_the_cpus_it_is_given(parts: Any) -> None:
+    model, tokenizer, ends = parts
+    cpu = min(os.sched_getaffinity(0))
+    engine = ContinuousBatchingEngine(
+        model, tokenizer, ends, max_num_seqs=2, max_model_len=512, prefill_thread=True, prefill_cpus={cpu}
+    )
+    try:
+        run(
+            engine, [request(tokenizer, 0, max_tokens=2)]
+        )  # the thread has pinned itself before its first wave
+        (thread,) = [t for t in threading.enumerate() if t.name == "prefill"]
+        assert thread.native_id is not None and os.sched_getaffinity(thread.native_id) == {cpu}
+        assert (
+            os.sched_getaffinity(0) != {cpu} or len(os.sched_getaffinity(0)) == 1
+        )  # the caller's own: unchanged
+    finally:
+        engine.close()

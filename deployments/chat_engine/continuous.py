@@ -16,6 +16,11 @@ its detokenization) ends that row only. A failed forward pass of a decode step f
 slots, mark the engine broken: it then refuses every request with 503 and its health check fails, so Serve
 replaces the replica.
 
+With `prefill_thread`, a second thread prefills instead (a CPU replica, where it runs on the CPUs the worker is
+not pinned to): prompts one wave at a time, a long one chunk after chunk, into free KV slots above the running
+ones; it sends each prompt's first token itself, and the worker moves the wave into the batch at its next turn.
+Decode steps then stall for no prefill at all, and a new stream's first token waits for no decode step.
+
 It drives any decoder whose attention layers call `past_key_values.update(keys, values, layer)` and accept a
 prepared 4D mask (transformers' native models, GLM-4 among them); `SequentialEngine` serves the rest.
 """
@@ -35,6 +40,7 @@ from deployments.chat_engine.packing import PackedPrefill
 from deployments.chat_engine.sampling import Chosen, choose_tokens
 from deployments.chat_engine.sequence import Sequence
 from deployments.chat_engine.slot_cache import SlotKVCache
+from deployments.cpu_affinity import pin_thread
 from serve_app.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -55,9 +61,12 @@ class ContinuousBatchingEngine(Engine):
         max_num_seqs: int,
         max_model_len: int,
         prefill_chunk_tokens: int = 2048,
+        prefill_thread: bool = False,
+        prefill_cpus: set[int] | None = None,
         **options: Any,
     ) -> None:
-        """`options`: the `Engine` keyword arguments (stream interval, metrics, queue deadline, defaults)."""
+        """`options`: the `Engine` keyword arguments (stream interval, metrics, queue deadline, defaults).
+        `prefill_cpus`: where the prefill thread runs (None: where the thread that builds the engine may)."""
         super().__init__(model, tokenizer, end_token_ids, **options)
         self._max_model_len = max_model_len
         self._chunk_tokens = prefill_chunk_tokens
@@ -86,8 +95,21 @@ class ContinuousBatchingEngine(Engine):
         self._failed_steps = 0  # decode steps failed in a row
         self._break_requested = False  # fault injection (break_for_tests)
         self._reported_sequences = (-1, -1)  # (running, waiting) last sent to the metrics
+        # The prefill thread's wave: its prompts (their slots taken from the free ones) until the worker moves the
+        # prefilled ones into the batch. One wave at a time, so its slots are always the top free ones.
+        self._prefill_front = self._cache.prefill_front()
+        self._wave_taken = 0
+        self._prefilled: list[tuple[Sequence, int]] = []  # (sequence, the slot its prompt was prefilled into)
+        self._prefill_wakeup = threading.Event()
+        self._prefill_thread: threading.Thread | None = None
+        if prefill_thread:
+            self._prefill_thread = threading.Thread(
+                target=self._prefill_loop, args=(prefill_cpus,), name="prefill", daemon=True
+            )
         self._thread = threading.Thread(target=self._loop, name="continuous-batching", daemon=True)
         self._thread.start()
+        if self._prefill_thread is not None:
+            self._prefill_thread.start()
         logger.info(
             "continuous batching: %d slots x %d tokens, KV cache %.1f MiB",
             max_num_seqs,
@@ -101,7 +123,7 @@ class ContinuousBatchingEngine(Engine):
 
     @property
     def waiting_sequences(self) -> int:
-        return len(self._waiting) + (self._staged is not None)
+        return len(self._waiting) + (self._staged is not None) + self._wave_taken
 
     def _submit(self, job: Job) -> None:
         request = job.request
@@ -113,13 +135,15 @@ class ContinuousBatchingEngine(Engine):
             )
         with self._lock:
             self._waiting.append(job)
-        self._wakeup.set()
+        (self._wakeup if self._prefill_thread is None else self._prefill_wakeup).set()
 
     def check_alive(self) -> None:
         super().check_alive()
         # An error outside the guarded steps ends the loop: every request would then wait forever.
         if not self._closed and not self._thread.is_alive():
             raise RuntimeError("the continuous-batching loop thread has died")
+        if not self._closed and self._prefill_thread is not None and not self._prefill_thread.is_alive():
+            raise RuntimeError("the prefill thread has died")
 
     def break_for_tests(self) -> None:
         self._break_requested = True  # applied by the worker at its next turn: it alone touches the cache
@@ -128,7 +152,10 @@ class ContinuousBatchingEngine(Engine):
     def close(self) -> None:
         self._closed = True
         self._wakeup.set()
+        self._prefill_wakeup.set()
         self._thread.join(timeout=10)
+        if self._prefill_thread is not None:
+            self._prefill_thread.join(timeout=10)
 
     # The worker thread from here on.
 
@@ -164,7 +191,7 @@ class ContinuousBatchingEngine(Engine):
         if self._metrics is not None:
             self._report_sequences(self._metrics)
         if not self._running:
-            if self._staged is None and not self._waiting:  # else the next turn has prefill work
+            if not self._prefill_work():
                 self._idle()
             else:
                 self.queue_deadline.observe(time.perf_counter() - turn_started)  # a prefill chunk's turn
@@ -185,6 +212,13 @@ class ContinuousBatchingEngine(Engine):
         self.queue_deadline.observe(now - turn_started)
         if self._metrics is not None:
             self._metrics.inter_token(now - step_started)
+
+    def _prefill_work(self) -> bool:
+        """Whether the worker's next turn has prefill work: prompts to prefill, or with a prefill thread, prompts
+        it prefilled to move into the batch."""
+        if self._prefill_thread is not None:
+            return bool(self._prefilled)
+        return self._staged is not None or bool(self._waiting)
 
     def _idle(self) -> None:
         """Wait for work (a job, a close); what the outbox holds goes out first."""
@@ -209,6 +243,12 @@ class ContinuousBatchingEngine(Engine):
         if self._staged is not None:
             self._staged[0].fail(refusal)
             self._staged = None
+        with self._lock:
+            prefilled, self._prefilled = self._prefilled, []
+            self._wave_taken = 0
+        for sequence, _ in prefilled:
+            if not sequence.done:
+                sequence.fail(refusal)
         for sequence in self._running:
             if not sequence.done:
                 sequence.fail(refusal)
@@ -229,7 +269,10 @@ class ContinuousBatchingEngine(Engine):
         """Prefill before the next decode step, at most the chunk budget of prompt tokens: the next chunk of the
         staged prompt; else waves of waiting prompts (or the first chunk of a long one) while there are free
         slots. The prompts of a burst reach the engine one by one, so those that came during a wave's pass join
-        in a further wave before the running sequences' next step, while the budget lasts."""
+        in a further wave before the running sequences' next step, while the budget lasts. With a prefill
+        thread: move the prompts it prefilled into the batch."""
+        if self._prefill_thread is not None:
+            return self._join_prefilled()
         if self._staged is not None:
             return self._prefill_next_chunk()
         budget = self._chunk_tokens
@@ -243,23 +286,8 @@ class ContinuousBatchingEngine(Engine):
     def _admit_wave(self, budget: int) -> int:
         """One prefill forward pass of waiting prompts within `budget` tokens (a long prompt's first chunk only
         with the whole chunk budget); the prompt tokens it took."""
-        if len(self._running) >= self._cache.num_slots:
-            return 0
-        jobs: list[Job] = []
-        tokens = 0
         with self._lock:
-            while self._waiting and len(self._running) + len(jobs) < self._cache.num_slots:
-                job = self._waiting[0]
-                length = len(job.request.prompt_token_ids)
-                if tokens + length > budget and (jobs or length <= budget or budget < self._chunk_tokens):
-                    break  # joins a later wave
-                self._waiting.popleft()
-                if job.cancelled.is_set():
-                    continue
-                jobs.append(job)
-                tokens += length
-                if length > self._chunk_tokens:
-                    break  # a long prompt goes alone, in chunks
+            jobs, tokens = self._take_wave(budget)
         sequences = self._sequences(jobs)
         if len(sequences) == 1 and tokens > self._chunk_tokens:
             self._staged = (sequences[0], 0)
@@ -268,6 +296,25 @@ class ContinuousBatchingEngine(Engine):
         if sequences:
             self._prefill_wave(sequences)
         return tokens
+
+    def _take_wave(self, budget: int) -> tuple[list[Job], int]:
+        """Under the lock: the waiting prompts of the next wave within `budget` tokens, while slots are free (a long
+        prompt alone, and only with the whole chunk budget), and their tokens."""
+        jobs: list[Job] = []
+        tokens = 0
+        while self._waiting and len(self._running) + len(jobs) < self._cache.num_slots:
+            job = self._waiting[0]
+            length = len(job.request.prompt_token_ids)
+            if tokens + length > budget and (jobs or length <= budget or budget < self._chunk_tokens):
+                break  # joins a later wave
+            self._waiting.popleft()
+            if job.cancelled.is_set():
+                continue
+            jobs.append(job)
+            tokens += length
+            if length > self._chunk_tokens:
+                break  # a long prompt goes alone, in chunks
+        return jobs, tokens
 
     def _refuse_late(self) -> None:
         """Refuse the jobs that waited past the queue deadline: the oldest are at the head of the queue."""
@@ -319,22 +366,25 @@ class ContinuousBatchingEngine(Engine):
         self._accept(sequence, choice)
         self._release_done()
 
-    def _prefill_chunk(self, prompt: list[int], start: int, length: int) -> torch.Tensor:
+    def _prefill_chunk(
+        self, prompt: list[int], start: int, length: int, cache: SlotKVCache | None = None
+    ) -> torch.Tensor:
         """One forward pass over prompt[start:start+length] in the staging slot; the last position's logits."""
+        cache = cache or self._cache
         device = self._model.device
         input_ids = torch.tensor([prompt[start : start + length]], dtype=torch.long, device=device)
         positions = torch.arange(start, start + length, device=device)
         keys = torch.arange(start + length, device=device)
         mask = (keys[None, :] <= positions[:, None])[None, None]  # [1, 1, query, key]: causal over all chunks
-        self._cache.prepare_chunk(start, length)
+        cache.prepare_chunk(start, length)
         hidden = self._decoder(
             input_ids=input_ids,
             position_ids=positions[None, :],
             attention_mask=mask,
-            cache=self._cache,
+            cache=cache,
             use_cache=True,
         ).last_hidden_state
-        self._cache.finish_step()
+        cache.finish_step()
         return self._lm_head(hidden[:, -1]).float()
 
     def _prefill_wave(self, sequences: list[Sequence]) -> None:
@@ -357,34 +407,129 @@ class ContinuousBatchingEngine(Engine):
         """One forward pass over the new prompts and their first choices; on failure, the KV cache is as before."""
         slots = [self._cache.add_sequence() for _ in sequences]
         try:
-            logits = self._prefill_slots([s.job for s in sequences], slots)
-            if len(sequences) > 1 and not bool(torch.isfinite(logits).all()):
-                # Prompts packed into one row share its attention: one prompt's non-finite states make its
-                # neighbours' logits non-finite too. Alone, each gets its own (before sampling, which would
-                # draw from seeded generators).
-                raise FloatingPointError("a prefill pass gave non-finite logits")
-            return choose_tokens([s.sampler for s in sequences], logits)
+            return self._first_choices(sequences, slots, self._cache)
         except BaseException:
             for slot in reversed(slots):  # the newest slots: nothing moves
                 self._cache.remove_sequence(slot)
             raise
 
-    def _prefill_slots(self, jobs: list[Job], slots: list[int]) -> torch.Tensor:
+    def _first_choices(self, sequences: list[Sequence], slots: list[int], cache: SlotKVCache) -> list[Chosen]:
+        logits = self._prefill_slots([s.job for s in sequences], slots, cache)
+        if len(sequences) > 1 and not bool(torch.isfinite(logits).all()):
+            # Prompts packed into one row share its attention: one prompt's non-finite states make its
+            # neighbours' logits non-finite too. Alone, each gets its own (before sampling, which would draw from
+            # seeded generators).
+            raise FloatingPointError("a prefill pass gave non-finite logits")
+        return choose_tokens([s.sampler for s in sequences], logits)
+
+    def _prefill_slots(
+        self, jobs: list[Job], slots: list[int], cache: SlotKVCache | None = None
+    ) -> torch.Tensor:
         """One forward pass over the new prompts, packed into rows; returns each one's next-token logits ([rows,
         vocab] float32)."""
+        cache = cache or self._cache
         device = self._model.device
         packed = PackedPrefill([job.request.prompt_token_ids for job in jobs], slots)
         position_ids, mask = packed.positions_and_mask(device)
-        self._cache.prepare_prefill(packed.segments)
+        cache.prepare_prefill(packed.segments)
         hidden = self._decoder(
             input_ids=torch.tensor(packed.tokens, dtype=torch.long, device=device),
             position_ids=position_ids,
             attention_mask=mask,
-            cache=self._cache,
+            cache=cache,
             use_cache=True,
         ).last_hidden_state
-        self._cache.finish_step()
+        cache.finish_step()
         return self._lm_head(hidden[packed.last_positions(device)]).float()
+
+    # The prefill thread (prefill_thread=True) from here on, and the worker's side of its hand-over.
+
+    def _prefill_loop(self, cpus: set[int] | None) -> None:
+        if cpus:
+            pin_thread(cpus)
+        with torch.inference_mode():
+            while not self._closed:
+                try:
+                    prefilled = self._prefill_next_wave()
+                except Exception as exc:  # a bug of ours: say so, stop serving, let Serve replace the replica
+                    logger.exception("prefill thread failed")
+                    self.broken = self.broken or f"its prefill thread failed: {exc!r}"
+                    self._wakeup.set()  # the worker refuses every request
+                    prefilled = False
+                if not prefilled:
+                    self._prefill_wakeup.wait()
+                    self._prefill_wakeup.clear()
+
+    def _prefill_next_wave(self) -> bool:
+        """Prefill the next wave of waiting prompts into the top free slots (a long prompt, chunk after chunk, into
+        the staging slot), send their first tokens, and hand them to the worker. False when there is none to take
+        now: nothing waits, no slot is free, or the worker has yet to take the last wave."""
+        with self._lock:
+            if self.broken is not None or self._wave_taken:
+                return False
+            jobs, tokens = self._take_wave(self._chunk_tokens)
+            self._wave_taken = len(jobs)
+        if not jobs:
+            return False
+        sequences = self._sequences(jobs)
+        if len(sequences) == 1 and tokens > self._chunk_tokens:
+            prefilled = self._prefill_long(sequences[0])
+        else:
+            prefilled = self._prefill_above(sequences)
+        self._outbox.flush()  # the first tokens, now: not after the worker's next step
+        with self._lock:
+            self._prefilled = [(s, slot) for s, slot in prefilled if not s.done]
+            self._wave_taken = len(self._prefilled)
+        self._wakeup.set()
+        return True
+
+    def _prefill_above(self, sequences: list[Sequence]) -> list[tuple[Sequence, int]]:
+        """Prefill a wave into the free slots above the running ones. They are moved into the batch in this order,
+        each into the lowest free slot, so none is overwritten before it is moved."""
+        top = self._cache.num_slots
+        slots = list(range(top - len(sequences), top))
+        try:
+            chosen = self._first_choices(sequences, slots, self._prefill_front)
+        except Exception as exc:
+            if len(sequences) == 1:
+                logger.exception("prefill failed")
+                sequences[0].fail(exc)
+                return []
+            # Nothing of the wave was kept: retry alone, so a bad prompt fails alone.
+            return [p for s in sequences for p in self._prefill_above([s])]
+        for sequence, choice in zip(sequences, chosen, strict=True):
+            self._accept(sequence, choice)
+        return list(zip(sequences, slots))
+
+    def _prefill_long(self, sequence: Sequence) -> list[tuple[Sequence, int]]:
+        prompt = sequence.job.request.prompt_token_ids
+        try:
+            for start in range(0, len(prompt), self._chunk_tokens):
+                if sequence.job.cancelled.is_set():
+                    return []
+                length = min(self._chunk_tokens, len(prompt) - start)
+                logits = self._prefill_chunk(prompt, start, length, self._prefill_front)
+            (choice,) = choose_tokens([sequence.sampler], logits)
+        except Exception as exc:
+            logger.exception("chunked prefill failed")
+            sequence.fail(exc)
+            return []
+        self._accept(sequence, choice)
+        return [(sequence, self._cache.staging_slot)]
+
+    def _join_prefilled(self) -> None:
+        """The worker: move the prefill thread's last wave into the batch, then let it take the next."""
+        with self._lock:
+            prefilled, self._prefilled = self._prefilled, []
+        if not prefilled:
+            return
+        for sequence, slot in prefilled:
+            if not sequence.done and not sequence.job.cancelled.is_set():
+                self._cache.commit(slot, len(sequence.job.request.prompt_token_ids))
+                self._running.append(sequence)
+        with self._lock:
+            self._wave_taken = 0
+        self._prefill_wakeup.set()
 
     def _decode_step(self) -> None:
         device = self._model.device
@@ -429,6 +574,8 @@ class ContinuousBatchingEngine(Engine):
             last = self._running.pop()
             if row < len(self._running):
                 self._running[row] = last
+        if self._prefill_thread is not None:
+            self._prefill_wakeup.set()  # a free slot: a prompt may be waiting for one
 
     def _fail_running(self, exc: BaseException) -> None:
         for sequence in self._running:

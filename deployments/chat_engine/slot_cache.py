@@ -8,10 +8,16 @@ a step attends over are a view, not a copy; a sequence that leaves is replaced b
 A long prompt is prefilled in chunks (one per engine turn, between decode steps) into an extra staging slot,
 each chunk attending over the chunks before it; once whole, it is copied into the next running slot. Memory is
 fixed at start: (slots + 1) x capacity x layers x 2 x kv_heads x head_dim.
+
+A prefill thread (the engine's `prefill_thread`) writes through a second front on the same memory
+(`prefill_front`): into free slots above the running ones, or the staging slot, while the worker's decode steps
+read and write the running slots. Each front keeps its own per-pass state; the worker then commits what the
+prefill thread wrote into its next running slots.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import torch
@@ -53,6 +59,18 @@ class SlotKVCache:
         self._positions: torch.Tensor | None = None
         self._span = 0
 
+    def prefill_front(self) -> SlotKVCache:
+        """Another front on this cache's memory, for passes that write the free slots above the running ones (or
+        the staging slot) by slot number, from another thread than the decode steps' front."""
+        front = copy.copy(self)
+        front.lengths = [0] * (self.num_slots + 1)  # indexed by slot, for finish_step
+        front._prefill, front._chunk, front._positions, front._span = None, None, None, 0
+        return front
+
+    @property
+    def staging_slot(self) -> int:
+        return self._staging
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._keys + self._values)
@@ -84,10 +102,16 @@ class SlotKVCache:
 
     def commit_staged(self, length: int) -> int:
         """Move the staged prompt (its first `length` tokens, all prefilled) into a new running slot."""
+        return self.commit(self._staging, length)
+
+    def commit(self, source: int, length: int) -> int:
+        """Move a prompt prefilled into slot `source` (at or above the next running slot) into a new running
+        slot; returns that slot."""
         slot = self.add_sequence()
-        for cache in (self._keys, self._values):
-            for layer in cache:
-                layer[slot, :, :length] = layer[self._staging, :, :length]
+        if source != slot:
+            for cache in (self._keys, self._values):
+                for layer in cache:
+                    layer[slot, :, :length] = layer[source, :, :length]
         self.lengths[slot] = length
         return slot
 
