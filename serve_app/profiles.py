@@ -93,9 +93,9 @@ def cpu_demo_args(
                 # ~65 ms for their turn: 512 takes twice as many per step (16 streams of ~50-token prompts: time
                 # to first token p50 ~110 vs ~150 ms, ~1.3x the tokens/s).
                 "prefill_chunk_tokens": 512,
-                # Prompts prefilled on the other core, beside the decode steps: the closed loop's time to first
-                # token p50 at 16 streams 32-35 vs 46-59 ms, the same tokens/s (bench/chat.py --only glm
-                # --concurrency 16 --rates '' --repeat 1 --rounds 40, alternating).
+                # Prompts prefilled on the other core, beside the decode steps, not between them: the closed loop's
+                # time to first token p50 at 16 streams 1.13x the peer's instead of 0.93-0.97x, ~0.87 of the engine
+                # alone's tokens/s as before (bench/chat.py --concurrency 16,32 --repeat 1 --passes 3).
                 "prefill_thread": True,
                 # A full batch and a few more in the replica (on 2 cores a 256-token stream takes ~3 s at 32): what
                 # is admitted is done within seconds, so the server is itself again soon after an overload
