@@ -744,8 +744,7 @@ def measure_limit(args: argparse.Namespace) -> dict[str, Any]:
 def bench_config(args: argparse.Namespace) -> Any:
     """The demo profile with the benchmark model, as glm-serve and the engine part both run it: chat_overrides
     change the chat model's config (--chat-threads, --no-pin, --no-prefill-thread, --prefill-chunk-tokens),
-    --handle-transport its
-    handle_transport."""
+    --handle-transport its handle_transport."""
     from serve_app.builder import parse_config
     from serve_app.profiles import cpu_demo_args
     from serve_app.tiny_glm import TinyGlmSpec

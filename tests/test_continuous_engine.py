@@ -291,19 +291,36 @@ def test_with_a_prefill_thread_streams_equal_generate(parts: Any, chunk_tokens: 
         engine.close()
 
 
+class _WaveOfThree(ContinuousBatchingEngine):
+    """A prefill thread that takes its first wave only once three prompts wait; records each pass's prompt count."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.waves: list[int] = []
+        super().__init__(*args, prefill_thread=True, **kwargs)
+
+    def _prefill_next_wave(self) -> bool:
+        give_up = time.monotonic() + 30
+        while not self.waves and len(self._waiting) < 3 and time.monotonic() < give_up:
+            time.sleep(0.001)
+        return super()._prefill_next_wave()
+
+    def _first_choices(self, sequences: list[Any], slots: list[int], cache: Any) -> Any:
+        self.waves.append(len(sequences))
+        return super()._first_choices(sequences, slots, cache)
+
+
 def test_a_failing_prefill_on_the_prefill_thread_fails_only_its_request(parts: Any) -> None:
     model, tokenizer, ends = parts
-    engine = ContinuousBatchingEngine(
-        model, tokenizer, ends, max_num_seqs=4, max_model_len=512, prefill_thread=True
-    )
-    broken = GenerateRequest(
-        "bad", [10**6], SamplingParams(max_tokens=4, temperature=0.0)
-    )  # id past the vocab
-    good = request(tokenizer, 1)
+    engine = _WaveOfThree(model, tokenizer, ends, max_num_seqs=4, max_model_len=512)
+    # An id past the vocabulary fails the pass of its whole wave: the wave's prompts are prefilled again alone,
+    # each into its own slot.
+    broken = GenerateRequest("bad", [10**6], SamplingParams(max_tokens=4, temperature=0.0))
+    good = [request(tokenizer, i) for i in (1, 2)]
     try:
-        failed, served = run(engine, [broken, good], return_exceptions=True)
+        failed, *served = run(engine, [broken, *good], return_exceptions=True)
         assert isinstance(failed, (IndexError, RuntimeError))
-        assert served == generate_text(model, tokenizer, ends, good)
+        assert served == [generate_text(model, tokenizer, ends, r) for r in good]
+        assert engine.waves[0] == 3, engine.waves  # the three shared the failed pass
         engine.check_alive()
     finally:
         engine.close()
@@ -312,20 +329,18 @@ def test_a_failing_prefill_on_the_prefill_thread_fails_only_its_request(parts: A
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no thread affinity on this OS")
 def test_the_prefill_thread_runs_on_the_cpus_it_is_given_at_a_lower_priority(parts: Any) -> None:
     model, tokenizer, ends = parts
-    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
     engine = ContinuousBatchingEngine(
         model, tokenizer, ends, max_num_seqs=2, max_model_len=512, prefill_thread=True, prefill_cpus={cpu}
     )
     try:
-        run(
-            engine, [request(tokenizer, 0, max_tokens=2)]
-        )  # the thread has pinned itself before its first wave
+        # The thread pins itself before its first wave.
+        run(engine, [request(tokenizer, 0, max_tokens=2)])
         (thread,) = [t for t in threading.enumerate() if t.name == "prefill"]
         assert thread.native_id is not None and os.sched_getaffinity(thread.native_id) == {cpu}
         if sys.platform.startswith("linux"):  # below the serving path's priority: it takes what that leaves
             assert os.getpriority(os.PRIO_PROCESS, thread.native_id) > os.getpriority(os.PRIO_PROCESS, 0)
-        assert (
-            os.sched_getaffinity(0) != {cpu} or len(os.sched_getaffinity(0)) == 1
-        )  # the caller's own: unchanged
+        assert os.sched_getaffinity(0) == before  # the caller's own
     finally:
         engine.close()

@@ -487,7 +487,8 @@ class ContinuousBatchingEngine(Engine):
         if len(sequences) == 1 and tokens > self._chunk_tokens:
             prefilled = self._prefill_long(sequences[0])
         else:
-            prefilled = self._prefill_above(sequences)
+            top = self._cache.num_slots
+            prefilled = self._prefill_above(sequences, list(range(top - len(sequences), top)))
         self._outbox.flush()  # the first tokens, now: not after the worker's next step
         with self._lock:
             self._prefilled = [(s, slot) for s, slot in prefilled if not s.done]
@@ -495,11 +496,9 @@ class ContinuousBatchingEngine(Engine):
         self._wakeup.set()
         return True
 
-    def _prefill_above(self, sequences: list[Sequence]) -> list[tuple[Sequence, int]]:
-        """Prefill a wave into the free slots above the running ones. They are moved into the batch in this order,
-        each into the lowest free slot, so none is overwritten before it is moved."""
-        top = self._cache.num_slots
-        slots = list(range(top - len(sequences), top))
+    def _prefill_above(self, sequences: list[Sequence], slots: list[int]) -> list[tuple[Sequence, int]]:
+        """Prefill a wave into `slots`, free ones above the running ones, in ascending order: they are moved into
+        the batch in this order, each into the lowest free slot, so none is overwritten before it is moved."""
         try:
             chosen = self._first_choices(sequences, slots, self._prefill_front)
         except Exception as exc:
@@ -507,8 +506,8 @@ class ContinuousBatchingEngine(Engine):
                 logger.exception("prefill failed")
                 sequences[0].fail(exc)
                 return []
-            # Nothing of the wave was kept: retry alone, so a bad prompt fails alone.
-            return [p for s in sequences for p in self._prefill_above([s])]
+            # Nothing of the wave was kept: retry alone, each into its own slot, so a bad prompt fails alone.
+            return [p for s, slot in zip(sequences, slots) for p in self._prefill_above([s], [slot])]
         for sequence, choice in zip(sequences, chosen, strict=True):
             self._accept(sequence, choice)
         return list(zip(sequences, slots))
