@@ -137,15 +137,31 @@ def test_a_refusal_keeps_its_retry_after_when_ray_carries_it_to_the_ingress() ->
     )
 
 
-def test_prompts_prefilled_in_chunks_between_decode_steps_equal_generate(parts: Any) -> None:
+@pytest.mark.parametrize(
+    ("prefill_thread", "chunk_tokens"),
+    [(False, 16), (True, 16), (True, 2048)],
+    ids=["worker", "thread", "thread-whole"],
+)
+def test_prompts_prefilled_in_chunks_or_on_a_prefill_thread_equal_generate(
+    parts: Any, prefill_thread: bool, chunk_tokens: int
+) -> None:
+    """More requests than slots, so some wait and join while others decode. Chunks of 16 tokens: most of these
+    prompts (~15-120 tokens) are prefilled over several passes, into the staging slot, between decode steps (the
+    worker) or beside them (a prefill thread, which writes short ones into free slots above the running ones and
+    hands them over); short ones still go in waves. One request ends with its first token and never joins."""
     model, tokenizer, ends = parts
-    # Chunks of 16 tokens: most of these prompts (~15-120 tokens) are prefilled over several turns, while the
-    # others decode; short ones still join in waves.
     engine = ContinuousBatchingEngine(
-        model, tokenizer, ends, max_num_seqs=4, max_model_len=512, prefill_chunk_tokens=16
+        model,
+        tokenizer,
+        ends,
+        max_num_seqs=4,
+        max_model_len=512,
+        prefill_chunk_tokens=chunk_tokens,
+        prefill_thread=prefill_thread,
     )
     try:
-        requests = [request(tokenizer, i) for i in (0, 7, 1, 9, 3, 5)]
+        requests = [request(tokenizer, i) for i in (0, 7, 1, 9, 3, 5, 6, 8)]
+        requests.append(request(tokenizer, 2, max_tokens=1))
         assert max(len(r.prompt_token_ids) for r in requests) > 3 * 16
         assert run(engine, requests) == [generate_text(model, tokenizer, ends, r) for r in requests]
         assert engine.running_sequences == 0 and engine.waiting_sequences == 0
@@ -264,31 +280,6 @@ def test_a_stream_gets_its_first_increment_at_once_then_one_message_per_interval
     assert "".join(c.text for c in per_interval) == "".join(c.text for c in per_token)
     assert per_interval[0] == per_token[0]  # the first increment is not held back
     assert per_interval[-1].finish_reason == per_token[-1].finish_reason is not None
-
-
-@pytest.mark.parametrize("chunk_tokens", [16, 2048])
-def test_with_a_prefill_thread_streams_equal_generate(parts: Any, chunk_tokens: int) -> None:
-    """Prompts prefilled on a thread of their own, into free slots above the running ones (in chunks of 16 tokens,
-    the long ones, into the staging slot), then moved into the batch: more requests than slots, so some wait and
-    join while others decode, and one that ends with its first token never joins."""
-    model, tokenizer, ends = parts
-    engine = ContinuousBatchingEngine(
-        model,
-        tokenizer,
-        ends,
-        max_num_seqs=4,
-        max_model_len=512,
-        prefill_chunk_tokens=chunk_tokens,
-        prefill_thread=True,
-    )
-    try:
-        requests = [request(tokenizer, i) for i in (0, 7, 1, 9, 3, 5, 6, 8)]
-        requests.append(request(tokenizer, 2, max_tokens=1))
-        assert max(len(r.prompt_token_ids) for r in requests) > 3 * 16
-        assert run(engine, requests) == [generate_text(model, tokenizer, ends, r) for r in requests]
-        assert engine.running_sequences == 0 and engine.waiting_sequences == 0
-    finally:
-        engine.close()
 
 
 class _WaveOfThree(ContinuousBatchingEngine):
