@@ -169,6 +169,52 @@ def test_prompts_prefilled_in_chunks_or_on_a_prefill_thread_equal_generate(
         engine.close()
 
 
+class _SlowPrefillThread(ContinuousBatchingEngine):
+    """A prefill thread whose every pass takes 0.3 s longer, so prompts wait behind it past the time after which
+    the worker helps it with them; records which thread took each prompt."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.takers: list[str] = []
+        super().__init__(*args, prefill_thread=True, **kwargs)
+
+    def _sequences(self, jobs: list[Any]) -> list[Any]:
+        self.takers += [threading.current_thread().name] * len(jobs)
+        return super()._sequences(jobs)
+
+    # The sleep after the pass: its prompts' keys and values are in their slots all that time.
+    def _prefill_above(self, *args: Any) -> Any:
+        prefilled = super()._prefill_above(*args)
+        time.sleep(0.3)
+        return prefilled
+
+    def _prefill_long(self, *args: Any) -> Any:
+        prefilled = super()._prefill_long(*args)
+        time.sleep(0.3)
+        return prefilled
+
+
+@pytest.mark.parametrize("chunk_tokens", [16, 2048], ids=["chunks", "whole"])
+def test_the_worker_prefills_the_prompts_a_busy_prefill_thread_leaves_waiting(
+    parts: Any, chunk_tokens: int
+) -> None:
+    """Both threads prefill at once: the prefill thread into the top free slots, the worker (while the thread
+    works on a long prompt and another has waited) into the next running ones, or a long prompt into the staging
+    slot; neither may write over the other's prompts, so each request still gets what `generate` gives."""
+    model, tokenizer, ends = parts
+    engine = _SlowPrefillThread(
+        model, tokenizer, ends, max_num_seqs=4, max_model_len=512, prefill_chunk_tokens=chunk_tokens
+    )
+    try:
+        # The thread's first pass is a long prompt (over its wave budget): the worker helps only then.
+        requests = [request(tokenizer, i) for i in (15, 0, 12, 7, 1, 14, 3, 10)]
+        assert len(requests[0].prompt_token_ids) > 128
+        assert run(engine, requests) == [generate_text(model, tokenizer, ends, r) for r in requests]
+        assert set(engine.takers) == {"prefill", "continuous-batching"}, engine.takers
+        assert engine.running_sequences == 0 and engine.waiting_sequences == 0
+    finally:
+        engine.close()
+
+
 class _SlowFirstPass(ContinuousBatchingEngine):
     """Records its prefill waves and decode steps. Its first wave's pass lasts until another prompt is waiting:
     that prompt arrived during the pass, as the prompts of a burst do (the ingress sends them one by one)."""

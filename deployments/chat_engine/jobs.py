@@ -40,6 +40,7 @@ class Job:
         self.queue: asyncio.Queue[Emitted] = asyncio.Queue()
         self.loop = loop
         self.started = False  # the outbox's: whether this stream was sent its first increment
+        self.queued_at = time.perf_counter()  # reached the engine
         self._outbox = outbox
 
     def emit(self, item: Emitted) -> None:

@@ -10,9 +10,9 @@ each chunk attending over the chunks before it; once whole, it is copied into th
 fixed at start: (slots + 1) x capacity x layers x 2 x kv_heads x head_dim.
 
 A prefill thread (the engine's `prefill_thread`) writes through a second front on the same memory
-(`prefill_front`): into free slots above the running ones, or the staging slot, while the worker's decode steps
-read and write the running slots. Each front keeps its own per-pass state; the worker then commits what the
-prefill thread wrote into its next running slots.
+(`prefill_front`): into free slots above the running ones (a long prompt chunk after chunk too), while the
+worker's decode steps and chunked prompts read and write the running slots and the staging one. Each front keeps
+its own per-pass state; the worker then commits what the prefill thread wrote into its next running slots.
 """
 
 from __future__ import annotations
@@ -53,23 +53,17 @@ class SlotKVCache:
         self._device = device
         # What the next forward pass writes: the prompts of some new slots, or one position in each running slot.
         self._prefill: list[Segment] | None = None
-        self._chunk: tuple[int, int] | None = (
-            None  # (start, length) of the chunk written into the staging slot
-        )
+        self._chunk: tuple[int, int, int] | None = None  # (slot, start, length) of a chunk of a long prompt
         self._positions: torch.Tensor | None = None
         self._span = 0
 
     def prefill_front(self) -> SlotKVCache:
-        """Another front on this cache's memory, for passes that write the free slots above the running ones (or
-        the staging slot) by slot number, from another thread than the decode steps' front."""
+        """Another front on this cache's memory, for passes that write the free slots above the running ones by
+        slot number, from another thread than the decode steps' front."""
         front = copy.copy(self)
         front.lengths = [0] * (self.num_slots + 1)  # indexed by slot, for finish_step
         front._prefill, front._chunk, front._positions, front._span = None, None, None, 0
         return front
-
-    @property
-    def staging_slot(self) -> int:
-        return self._staging
 
     @property
     def nbytes(self) -> int:
@@ -96,9 +90,11 @@ class SlotKVCache:
         """Set up one forward pass over several new prompts, each a segment of a row (rows may hold several)."""
         self._prefill, self._positions, self._chunk = segments, None, None
 
-    def prepare_chunk(self, start: int, length: int) -> None:
-        """Set up one forward pass over tokens start..start+length-1 of the prompt being staged."""
-        self._prefill, self._positions, self._chunk = None, None, (start, length)
+    def prepare_chunk(self, start: int, length: int, slot: int | None = None) -> None:
+        """Set up one forward pass over tokens start..start+length-1 of a long prompt, in `slot` (default: the
+        staging slot)."""
+        slot = self._staging if slot is None else slot
+        self._prefill, self._positions, self._chunk = None, None, (slot, start, length)
 
     def commit_staged(self, length: int) -> int:
         """Move the staged prompt (its first `length` tokens, all prefilled) into a new running slot."""
@@ -130,7 +126,7 @@ class SlotKVCache:
 
     def finish_step(self) -> None:
         if self._chunk is not None:
-            self._chunk = None  # the staged prompt's progress is the engine's to track
+            self._chunk = None  # a long prompt's progress is the engine's to track
         elif self._prefill is not None:
             for segment in self._prefill:
                 self.lengths[segment.slot] = segment.length
@@ -147,13 +143,12 @@ class SlotKVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self._keys[layer_idx], self._values[layer_idx]
         if self._chunk is not None:
-            # This chunk attends to the chunks before it and to itself, all in the staging slot.
-            start, length = self._chunk
-            staging = self._staging
-            keys[staging, :, start : start + length] = key_states[0, :, :length]
-            values[staging, :, start : start + length] = value_states[0, :, :length]
+            # This chunk attends to the chunks before it and to itself, all in its slot.
+            slot, start, length = self._chunk
+            keys[slot, :, start : start + length] = key_states[0, :, :length]
+            values[slot, :, start : start + length] = value_states[0, :, :length]
             end = start + length
-            return keys[staging : staging + 1, :, :end], values[staging : staging + 1, :, :end]
+            return keys[slot : slot + 1, :, :end], values[slot : slot + 1, :, :end]
         if self._prefill is not None:
             # The prompts attend only to themselves: store each one's real tokens, hand the batch straight back.
             for slot, row, start, length in self._prefill:
