@@ -175,7 +175,12 @@ class _SlowPrefillThread(ContinuousBatchingEngine):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.takers: list[str] = []
+        self.turns = 0  # the worker's
         super().__init__(*args, prefill_thread=True, **kwargs)
+
+    def _turn(self) -> None:
+        self.turns += 1
+        super()._turn()
 
     def _sequences(self, jobs: list[Any]) -> list[Any]:
         self.takers += [threading.current_thread().name] * len(jobs)
@@ -211,6 +216,21 @@ def test_the_worker_prefills_the_prompts_a_busy_prefill_thread_leaves_waiting(
         assert run(engine, requests) == [generate_text(model, tokenizer, ends, r) for r in requests]
         assert set(engine.takers) == {"prefill", "continuous-batching"}, engine.takers
         assert engine.running_sequences == 0 and engine.waiting_sequences == 0
+    finally:
+        engine.close()
+
+
+def test_a_worker_with_no_slot_to_help_into_waits_instead_of_spinning(parts: Any) -> None:
+    """One slot, held by the prefill thread's long prompt for 0.3 s after its pass, while another prompt waits
+    past the time after which the worker would help: there is nowhere to help into, so the worker waits."""
+    model, tokenizer, ends = parts
+    engine = _SlowPrefillThread(model, tokenizer, ends, max_num_seqs=1, max_model_len=512)
+    try:
+        requests = [request(tokenizer, i, max_tokens=4) for i in (15, 0)]
+        assert run(engine, requests) == [generate_text(model, tokenizer, ends, r) for r in requests]
+        assert engine.takers == ["prefill", "prefill"]
+        # A few timed looks while it waits, and the decode steps; a spinning worker turns thousands of times.
+        assert engine.turns < 100, engine.turns
     finally:
         engine.close()
 
