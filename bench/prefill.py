@@ -82,7 +82,7 @@ def main() -> int:
         ]
         slots = [engine._cache.add_sequence() for _ in jobs]
         started = time.perf_counter()
-        engine._prefill_slots(jobs, slots)
+        engine._prefill_slots(jobs, slots, engine._cache)
         elapsed = time.perf_counter() - started
         for slot in reversed(slots):
             engine._cache.remove_sequence(slot)

@@ -302,7 +302,7 @@ class _OneWave(ContinuousBatchingEngine):
             time.sleep(0.001)
         super()._admit()
 
-    def _prefill_slots(self, jobs: list[Any], slots: list[int], cache: Any = None) -> Any:
+    def _prefill_slots(self, jobs: list[Any], slots: list[int], cache: Any) -> Any:
         self.passes.append([len(job.request.prompt_token_ids) for job in jobs])
         return super()._prefill_slots(jobs, slots, cache)
 

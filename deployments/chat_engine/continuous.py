@@ -158,12 +158,7 @@ class ContinuousBatchingEngine(Engine):
             )
         with self._lock:
             self._waiting.append(job)
-        if self._prefill_thread is None:
-            self._wakeup.set()
-            return
-        self._prefill_wakeup.set()
-        if self._wave_tokens > _PREFILL_THREAD_WAVE_TOKENS:
-            self._wakeup.set()  # an idle worker may have to help with it
+        (self._wakeup if self._prefill_thread is None else self._prefill_wakeup).set()
 
     def check_alive(self) -> None:
         super().check_alive()
@@ -254,18 +249,22 @@ class ContinuousBatchingEngine(Engine):
         _HELP_AFTER_S."""
         if self._staged is not None:
             return True
-        if self._wave_tokens <= _PREFILL_THREAD_WAVE_TOKENS:
+        if not self._thread_on_long_wave():
             return False  # the thread is free, or soon will be
         with self._lock:
             if not self._waiting or not self._free_slots():
                 return False  # nothing to help with, or no slot to help into (an idle worker would spin)
             return time.perf_counter() - self._waiting[0].queued_at > _HELP_AFTER_S
 
+    def _thread_on_long_wave(self) -> bool:
+        """Whether the prefill thread is busy with a prompt longer than its wave budget (the worker may help)."""
+        return self._wave_tokens > _PREFILL_THREAD_WAVE_TOKENS
+
     def _idle(self) -> None:
-        """Wait for work (a job, a close); what the outbox holds goes out first. Beside a busy prefill thread,
-        look again once a waiting prompt may have waited long enough for the worker to help."""
+        """Wait for work (a job, a close); what the outbox holds goes out first. While the prefill thread is on a
+        long wave, look again every _HELP_AFTER_S for prompts that have waited long enough to help with."""
         self._outbox.flush()
-        self._wakeup.wait(_HELP_AFTER_S if self._waiting and self._prefill_thread is not None else None)
+        self._wakeup.wait(_HELP_AFTER_S if self._thread_on_long_wave() else None)
         self._wakeup.clear()
 
     def _check_invariants(self) -> None:
@@ -498,12 +497,9 @@ class ContinuousBatchingEngine(Engine):
             raise FloatingPointError("a prefill pass gave non-finite logits")
         return choose_tokens([s.sampler for s in sequences], logits)
 
-    def _prefill_slots(
-        self, jobs: list[Job], slots: list[int], cache: SlotKVCache | None = None
-    ) -> torch.Tensor:
+    def _prefill_slots(self, jobs: list[Job], slots: list[int], cache: SlotKVCache) -> torch.Tensor:
         """One forward pass over the new prompts, packed into rows; returns each one's next-token logits ([rows,
         vocab] float32)."""
-        cache = cache or self._cache
         device = self._model.device
         packed = PackedPrefill([job.request.prompt_token_ids for job in jobs], slots)
         position_ids, mask = packed.positions_and_mask(device)
@@ -546,16 +542,17 @@ class ContinuousBatchingEngine(Engine):
                 return False
             jobs, tokens = self._take_wave(min(_PREFILL_THREAD_WAVE_TOKENS, self._chunk_tokens), fresh=True)
             self._wave_taken, self._wave_tokens = len(jobs), tokens
-            if tokens > _PREFILL_THREAD_WAVE_TOKENS and self._waiting:
-                self._wakeup.set()  # an idle worker may have to help with those
         if not jobs:
             return False
+        if self._thread_on_long_wave():
+            self._wakeup.set()  # an idle worker watches for prompts to help with meanwhile
         sequences = self._sequences(jobs)
+        top = self._cache.num_slots
+        slots = list(range(top - len(sequences), top))
         if len(sequences) == 1 and tokens > self._chunk_tokens:
-            prefilled = self._prefill_long(sequences[0])
+            prefilled = self._prefill_long(sequences[0], slots[0])
         else:
-            top = self._cache.num_slots
-            prefilled = self._prefill_above(sequences, list(range(top - len(sequences), top)))
+            prefilled = self._prefill_above(sequences, slots)
         self._outbox.flush()  # the first tokens, now: not after the worker's next step
         with self._lock:
             self._prefilled = [(s, slot) for s, slot in prefilled if not s.done]
@@ -579,22 +576,21 @@ class ContinuousBatchingEngine(Engine):
             self._accept(sequence, choice)
         return list(zip(sequences, slots))
 
-    def _prefill_long(self, sequence: Sequence) -> list[tuple[Sequence, int]]:
+    def _prefill_long(self, sequence: Sequence, slot: int) -> list[tuple[Sequence, int]]:
         prompt = sequence.job.request.prompt_token_ids
-        top = self._cache.num_slots - 1
         try:
             for start in range(0, len(prompt), self._chunk_tokens):
                 if sequence.job.cancelled.is_set():
                     return []
                 length = min(self._chunk_tokens, len(prompt) - start)
-                logits = self._prefill_chunk(prompt, start, length, self._prefill_front, top)
+                logits = self._prefill_chunk(prompt, start, length, self._prefill_front, slot)
             (choice,) = choose_tokens([sequence.sampler], logits)
         except Exception as exc:
             logger.exception("chunked prefill failed")
             sequence.fail(exc)
             return []
         self._accept(sequence, choice)
-        return [(sequence, top)]
+        return [(sequence, slot)]
 
     def _join_prefilled(self) -> None:
         """The worker: move the prefill thread's last wave into the batch, then let it take the next."""
