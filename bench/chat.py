@@ -400,6 +400,43 @@ def parse_numbers(listed: str, kind: Callable[[str], N]) -> list[N]:
     return [kind(n) for n in listed.split(",") if n.strip()]
 
 
+# glm-serve's decode counters (deployments/chat_engine/decode_tally.py), read before and after a level: how full its
+# steps were and what their forward passes cost, beside the same figures of the engine alone. A lower rows/step is
+# the serving path delaying each stream's next request; a slower forward pass is it taking the CPU (or the GIL)
+# from the decode loop; CPU time above the engine alone's is extra work per step.
+TallyReader = Callable[[], dict[str, float] | None]
+
+
+def health_decode_tally(health_url: str) -> dict[str, float] | None:
+    """The chat replica's decode counters from glm-serve's /health (None if it has none)."""
+    deployments = httpx.get(health_url, timeout=30).json().get("deployments", {})
+    return deployments.get(f"chat:{CHAT_MODEL}", {}).get("decode")
+
+
+def decode_figures(
+    before: dict[str, float] | None, after: dict[str, float] | None
+) -> dict[str, float] | None:
+    """Per decode step between two readings: sequences, forward pass wall and CPU time (ms)."""
+    if not before or not after or after["steps"] <= before["steps"]:
+        return None
+    steps = after["steps"] - before["steps"]
+    return {
+        "steps": steps,
+        "rows_per_step": (after["rows"] - before["rows"]) / steps,
+        "forward_ms": 1000 * (after["forward_s"] - before["forward_s"]) / steps,
+        "forward_cpu_ms": 1000 * (after["forward_cpu_s"] - before["forward_cpu_s"]) / steps,
+    }
+
+
+def describe_decode(decode: dict[str, float] | None) -> str:
+    if decode is None:
+        return ""
+    return (
+        f"\n{'':15}decode: {decode['rows_per_step']:.1f} sequences/step, forward pass {decode['forward_ms']:.2f} ms "
+        f"(CPU {decode['forward_cpu_ms']:.2f} ms) over {decode['steps']} steps"
+    )
+
+
 def measure_server(
     label: str,
     url: str,
@@ -409,8 +446,10 @@ def measure_server(
     rates: list[float],
     args: argparse.Namespace,
     rss: RssMonitor | None,
+    decode_tally: TallyReader | None = None,
 ) -> dict[str, Any]:
-    """One server's closed-loop levels (--concurrency: "load") and open-loop ones (--rates: "at_rate")."""
+    """One server's closed-loop levels (--concurrency: "load") and open-loop ones (--rates: "at_rate").
+    `decode_tally` reads the server's decode counters (glm-serve's /health), to report what its steps cost."""
     streams: list[Level] = [
         (
             f"c{concurrency}",
@@ -436,13 +475,17 @@ def measure_server(
         for rate in rates
     ]
     return {
-        "load": measure_levels(label, streams, args, rss),
-        "at_rate": measure_levels(label, open_loop, args, rss),
+        "load": measure_levels(label, streams, args, rss, decode_tally),
+        "at_rate": measure_levels(label, open_loop, args, rss, decode_tally),
     }
 
 
 def measure_levels(
-    label: str, levels: list[Level], args: argparse.Namespace, rss: RssMonitor | None
+    label: str,
+    levels: list[Level],
+    args: argparse.Namespace,
+    rss: RssMonitor | None,
+    decode_tally: TallyReader | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, name, run in levels:
@@ -455,8 +498,10 @@ def measure_levels(
             probe = cpu_probe_ms()
             if rss is not None:
                 rss.mark(key)
+            before = decode_tally() if decode_tally else None
             with CpuWindow() as cpu:
                 result = asyncio.run(run())
+            result["decode"] = decode_figures(before, decode_tally() if decode_tally else None)
             result.update(
                 cpu_busy_before_pct=quiet,
                 load1_before=load1,
@@ -479,7 +524,8 @@ def measure_levels(
                 f"({result['requests']} x <= {args.max_tokens} tokens, {result['completion_tokens']} in all, "
                 f"{result['content_events_per_token']:.2f} events/token, cpu {cpu.busy_pct:.0f}%, probe {probe:.0f} ms)"
                 + (f"  NON-200: {result['non_200']}" if result["non_200"] else "")
-                + note,
+                + note
+                + describe_decode(result["decode"]),
                 flush=True,
             )
         # The best clean attempt (this VM's speed drifts run to run; the best is the least disturbed), or the
@@ -585,9 +631,11 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
                 await one(i, budget, done)
 
         forward.update(s=0.0, calls=0)
+        before = engine.decode_tally.snapshot()
         t0 = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
+        decode = decode_figures(before, engine.decode_tally.snapshot())
         tokens = sum(n for _, n in done)
         ttfts = [t * 1000 for t, _ in done]
         return {
@@ -602,6 +650,7 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
             "forward_share": forward["s"] / elapsed,
             "forward_calls": forward["calls"],
             "forward_ms_per_call": 1000 * forward["s"] / max(1, forward["calls"]),
+            "decode": decode,
         }
 
     async def run() -> dict[str, Any]:
@@ -614,7 +663,8 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
                 f"  engine     {concurrency:>2} streams: {r['tokens_per_s']:7.1f} tokens/s  TTFT p50 "
                 f"{r['ttft_p50_ms']:7.1f} ms  p99 {r['ttft_p99_ms']:7.1f} ms  gap p99 "
                 f"{fmt(r['gap_p99_ms'], '.1f')} ms  (forward passes "
-                f"{100 * r['forward_share']:.0f}% of the time, {r['forward_ms_per_call']:.2f} ms each)",
+                f"{100 * r['forward_share']:.0f}% of the time, {r['forward_ms_per_call']:.2f} ms each)"
+                + describe_decode(r["decode"]),
                 flush=True,
             )
         return out
@@ -1275,6 +1325,7 @@ def measure_pass(
                 rates,
                 args,
                 rss,
+                partial(health_decode_tally, f"{base}/health"),
             )
             if rss is not None:
                 found["glm_serve"]["chat_replica_rss"] = rss.stop()

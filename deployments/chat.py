@@ -108,13 +108,16 @@ class ChatDeployment:
         """Answered for /health: the sequences this replica is generating (`running_sequences`, the batch),
         those waiting for a place in it, the streams open on it (those two plus streams relaying their end), the
         queue deadline as measured now (null before the first step), the CPU its threads are pinned to (null
-        when they are not: `pin_to_one_cpu`), and those of its prefill thread (null without one, or unpinned)."""
+        when they are not: `pin_to_one_cpu`), those of its prefill thread (null without one, or unpinned), and
+        what its decode steps have cost since it started (`decode`: steps, rows, forward_s, forward_cpu_s;
+        null for the sequential engine; deployments/chat_engine/decode_tally.py)."""
         return {
             "cpu": self._cpu,
             "prefill_cpus": sorted(self._prefill_cpus) if self._prefill_cpus else None,
             "running_sequences": self._engine.running_sequences,
             "waiting_sequences": self._engine.waiting_sequences,
             "open_streams": self._engine.open_streams,
+            "decode": tally.snapshot() if (tally := self._engine.decode_tally) else None,
             **self._engine.queue_deadline.status(),
         }
 

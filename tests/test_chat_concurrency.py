@@ -34,8 +34,8 @@ def _stream_text(http: httpx.Client, i: int) -> str:
     return "".join(deltas)
 
 
-def _chat_status(http: httpx.Client) -> dict[str, int]:
-    status: dict[str, int] = http.get("/health").json()["deployments"][f"chat:{MODEL}"]
+def _chat_status(http: httpx.Client) -> dict[str, Any]:
+    status: dict[str, Any] = http.get("/health").json()["deployments"][f"chat:{MODEL}"]
     return status
 
 
@@ -85,3 +85,25 @@ def test_disconnected_streams_leave_the_batch(base_url: str, http: httpx.Client,
     assert left(), _chat_status(http)  # the engine freed the slots of the streams still generating
     reply = http.post("/v1/chat/completions", json=_body(0, max_tokens=4))
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+
+
+def test_health_counts_the_decode_steps_and_rows_that_requests_cost(http: httpx.Client, parts: Any) -> None:
+    # The end tokens banned: each reply is exactly max_tokens long, its first token from the prefill, the others
+    # from one decode step each.
+    max_tokens, requests = 12, 4
+    body = {"logit_bias": {str(token): -100 for token in parts[2]}}
+    before = _chat_status(http)["decode"]
+    with ThreadPoolExecutor(max_workers=requests) as pool:
+        replies = list(
+            pool.map(
+                lambda i: http.post("/v1/chat/completions", json=_body(i, max_tokens) | body).json(),
+                range(requests),
+            )
+        )
+    after = _chat_status(http)["decode"]
+    assert [reply["usage"]["completion_tokens"] for reply in replies] == [max_tokens] * requests
+    rows, steps = after["rows"] - before["rows"], after["steps"] - before["steps"]
+    assert rows == requests * (max_tokens - 1)
+    assert max_tokens - 1 <= steps <= rows
+    wall, cpu = after["forward_s"] - before["forward_s"], after["forward_cpu_s"] - before["forward_cpu_s"]
+    assert 0 < cpu <= wall + 0.01  # the worker thread's own CPU time within the passes' wall time

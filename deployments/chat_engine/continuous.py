@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from deployments.chat_engine.decode_tally import DecodeTally
 from deployments.chat_engine.jobs import Engine, Job
 from deployments.chat_engine.packing import PackedPrefill
 from deployments.chat_engine.sampling import Chosen, choose_tokens
@@ -114,6 +115,7 @@ class ContinuousBatchingEngine(Engine):
         self._failed_steps = 0  # decode steps failed in a row
         self._break_requested = False  # fault injection (break_for_tests)
         self._reported_sequences = (-1, -1)  # (running, waiting) last sent to the metrics
+        self._tally = DecodeTally()
         # The prefill thread's wave: its prompts (their slots taken from the free ones) until the worker moves the
         # prefilled ones into the batch. One wave at a time, so its slots are always the top ones.
         self._prefill_front = self._cache.prefill_front()
@@ -143,6 +145,10 @@ class ContinuousBatchingEngine(Engine):
     @property
     def running_sequences(self) -> int:
         return len(self._running)
+
+    @property
+    def decode_tally(self) -> DecodeTally:
+        return self._tally
 
     @property
     def waiting_sequences(self) -> int:
@@ -609,13 +615,14 @@ class ContinuousBatchingEngine(Engine):
     def _decode_step(self) -> None:
         device = self._model.device
         positions = self._cache.prepare_decode()
-        out = self._model(
-            input_ids=torch.tensor([[s.last_token] for s in self._running], device=device),
-            position_ids=positions[:, None],
-            attention_mask=self._cache.decode_mask(),
-            cache=self._cache,
-            use_cache=True,
-        )
+        with self._tally.forward(len(self._running)):
+            out = self._model(
+                input_ids=torch.tensor([[s.last_token] for s in self._running], device=device),
+                position_ids=positions[:, None],
+                attention_mask=self._cache.decode_mask(),
+                cache=self._cache,
+                use_cache=True,
+            )
         self._cache.finish_step()
         chosen = choose_tokens([s.sampler for s in self._running], out.logits[:, -1, :].float())
         for sequence, choice in zip(self._running, chosen, strict=True):

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeGuard
 
+from deployments.chat_engine.decode_tally import DecodeTally
 from deployments.chat_engine.sampling import RowSampler
 from deployments.chat_engine.sequence import Sequence
 from deployments.chat_engine.token_bytes import TokenSpeller
@@ -168,6 +169,11 @@ class Engine:
     @property
     def waiting_sequences(self) -> int:
         raise NotImplementedError
+
+    @property
+    def decode_tally(self) -> DecodeTally | None:
+        """What its decode steps have cost so far (decode_tally.py); None where the engine does not count them."""
+        return None
 
     def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         request = replace(request, sampling=request.sampling.resolve(self._defaults))
