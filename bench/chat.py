@@ -562,8 +562,8 @@ def prompt_ids(tokenizer: Any, messages: list[list[dict[str, str]]]) -> list[lis
 def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[str, Any]:
     """glm-serve's ContinuousBatchingEngine driven directly (what the chat replica runs, minus Ray and HTTP).
 
-    The gap between this and (b) is what the serving path costs; the forward pass is timed to split the engine's
-    own step into model and Python."""
+    The gap between this and (b) is what the serving path costs; the engine's decode tally times its forward
+    passes, to split the engine's own step into model and Python."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -593,18 +593,6 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
         prefill_thread=profile.prefill_thread,
         prefill_cpus=cpus_besides(pinned, cpus) if profile.prefill_thread else None,
     )
-    forward = {"s": 0.0, "calls": 0}
-    original = model.forward
-
-    def timed_forward(*a: Any, **k: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return original(*a, **k)
-        finally:
-            forward["s"] += time.perf_counter() - t0
-            forward["calls"] += 1
-
-    model.forward = timed_forward  # type: ignore[method-assign]
 
     async def one(i: int, budget: int, sink: list[tuple[float, int]]) -> None:
         request = GenerateRequest(str(i), prompts[i], SamplingParams(max_tokens=budget, temperature=0.0))
@@ -630,7 +618,6 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
             for i in work:
                 await one(i, budget, done)
 
-        forward.update(s=0.0, calls=0)
         before = engine.decode_tally.snapshot()
         t0 = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(concurrency)))
@@ -647,9 +634,10 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
             "completion_tokens": tokens,
             "requests": requests,
             "seconds": elapsed,
-            "forward_share": forward["s"] / elapsed,
-            "forward_calls": forward["calls"],
-            "forward_ms_per_call": 1000 * forward["s"] / max(1, forward["calls"]),
+            # The decode steps' forward passes (prefill passes run the decoder itself), from the engine's tally.
+            "forward_share": decode["steps"] * decode["forward_ms"] / 1000 / elapsed if decode else 0.0,
+            "forward_calls": decode["steps"] if decode else 0,
+            "forward_ms_per_call": decode["forward_ms"] if decode else 0.0,
             "decode": decode,
         }
 

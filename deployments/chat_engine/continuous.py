@@ -615,11 +615,13 @@ class ContinuousBatchingEngine(Engine):
     def _decode_step(self) -> None:
         device = self._model.device
         positions = self._cache.prepare_decode()
+        input_ids = torch.tensor([[s.last_token] for s in self._running], device=device)
+        mask = self._cache.decode_mask()
         with self._tally.forward(len(self._running)):
             out = self._model(
-                input_ids=torch.tensor([[s.last_token] for s in self._running], device=device),
+                input_ids=input_ids,
                 position_ids=positions[:, None],
-                attention_mask=self._cache.decode_mask(),
+                attention_mask=mask,
                 cache=self._cache,
                 use_cache=True,
             )
