@@ -636,8 +636,6 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
             "seconds": elapsed,
             # The decode steps' forward passes (prefill passes run the decoder itself), from the engine's tally.
             "forward_share": decode["steps"] * decode["forward_ms"] / 1000 / elapsed if decode else 0.0,
-            "forward_calls": decode["steps"] if decode else 0,
-            "forward_ms_per_call": decode["forward_ms"] if decode else 0.0,
             "decode": decode,
         }
 
@@ -650,8 +648,7 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
             print(
                 f"  engine     {concurrency:>2} streams: {r['tokens_per_s']:7.1f} tokens/s  TTFT p50 "
                 f"{r['ttft_p50_ms']:7.1f} ms  p99 {r['ttft_p99_ms']:7.1f} ms  gap p99 "
-                f"{fmt(r['gap_p99_ms'], '.1f')} ms  (forward passes "
-                f"{100 * r['forward_share']:.0f}% of the time, {r['forward_ms_per_call']:.2f} ms each)"
+                f"{fmt(r['gap_p99_ms'], '.1f')} ms  (forward passes {100 * r['forward_share']:.0f}% of the time)"
                 + describe_decode(r["decode"]),
                 flush=True,
             )
