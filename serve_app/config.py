@@ -201,7 +201,7 @@ class EmbeddingModelConfig(_Strict):
     # Texts in one batch, from one request or several; a larger request is split, so a batch (and the wait of
     # whoever is behind it) has a bounded cost.
     max_batch_size: Annotated[int, Field(ge=1)] = 64
-    # Texts per forward pass within a batch, shortest first: each pass pads its texts to its longest.
+    # Texts per forward pass within a batch, by token count: each pass pads its texts to its longest.
     forward_batch_size: Annotated[int, Field(ge=1)] = 32
     # 0: a batch starts at once. Under load batches still fill, from the requests that arrive while the previous
     # batch computes; waiting would only add latency to every request.

@@ -30,6 +30,19 @@ def test_one_384d_unit_vector_per_input_in_order(client: openai.OpenAI) -> None:
     assert not np.allclose(together[0], together[1])
 
 
+def test_vectors_are_the_models_own_across_several_passes(client: openai.OpenAI) -> None:
+    """The replica sorts a batch by token count and runs it in passes of 16: the rows come back where they were
+    sent, as sentence-transformers computes them. Texts whose character and token orders disagree (CJK: a token
+    per character, emoji: several) and more of them than one pass holds."""
+    from sentence_transformers import SentenceTransformer
+
+    from serve_app.profiles import minilm_path
+
+    texts = [f"{'深度学习' * (i % 5)} {'word ' * (i % 9)}{'🚀' * (i % 3)} item {i}" for i in range(40)]
+    expected = SentenceTransformer(minilm_path(), device="cpu").encode(texts, convert_to_numpy=True)
+    assert np.allclose(_vectors(client, texts), expected, atol=1e-5)
+
+
 def test_base64_equals_float(client: openai.OpenAI, http: httpx.Client) -> None:
     def fetch(encoding_format: str) -> list[Any]:
         body = {"model": MODEL, "input": SENTENCES, "encoding_format": encoding_format}
