@@ -4,7 +4,9 @@ Figures taken while something outside the benchmark used the CPU are not figures
 runs inside a `CpuWindow`, and one where other processes used more than a threshold (20% by default) is measured
 again or reported as disturbed. `cpu_hog(n)` starts n busy loops as children of the benchmark: their CPU counts as
 the benchmark's own (they are wanted), and on a 2-core machine two of them halve what the server gets, i.e. a
-machine about twice as slow, which is what a rated load must still be served on without refusals.
+machine about twice as slow, which is what a rated load must still be served on without refusals. Before each
+level, `settle()` waits for the machine to go quiet; `run_record()` heads each benchmark's JSON (when, the command,
+the machine and how busy it was at the start).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -60,9 +63,49 @@ def _our_ticks() -> int:
 
 
 def _machine_ticks() -> tuple[int, int]:
+    """(busy, all) CPU ticks of the whole machine so far, from /proc/stat."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]
+    idle = fields[3] + fields[4]  # idle + iowait
     return sum(fields) - idle, sum(fields)
+
+
+def cpu_busy(interval_s: float = 1.0) -> float:
+    """Share of all CPUs busy over the next interval_s (from /proc/stat), 0-100."""
+    busy0, total0 = _machine_ticks()
+    time.sleep(interval_s)
+    busy1, total1 = _machine_ticks()
+    return 100.0 * (busy1 - busy0) / max(1, total1 - total0)
+
+
+def settle(max_wait_s: float = 30.0, threshold: float = 15.0) -> float:
+    """Wait (up to max_wait_s) until the machine is quiet; return the last busy % seen.
+
+    Figures taken while something else runs (another test suite, a server still busy with the previous load)
+    are not comparable: this records how quiet it was, so the JSON says which figures to distrust."""
+    deadline = time.monotonic() + max_wait_s
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        busy = cpu_busy()
+    return busy
+
+
+def machine_busy() -> str:
+    """One line on how busy the machine is right now."""
+    load1 = os.getloadavg()[0]
+    return f"load1={load1:.2f} cpu_busy={cpu_busy():.0f}%"
+
+
+def run_record() -> dict[str, Any]:
+    """What a benchmark's JSON starts with: when, the command, and the machine as it was before measuring."""
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "busy_at_start": machine_busy(),
+        },
+    }
 
 
 def cpu_probe_ms() -> float:

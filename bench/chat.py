@@ -45,7 +45,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -69,7 +68,10 @@ from _machine import (
     descendants,
     hog_note,
     hog_until_closed,
+    machine_busy,
     reported,
+    run_record,
+    settle,
 )
 from _passes import add_passes_option, median_targets, merge_passes, passes_note
 from _server import add_transport_option, every_kind, interrupt_on_sigterm, launch_server, stop_server
@@ -77,13 +79,11 @@ from embeddings import (
     CHAT_MODEL,
     RESULTS,
     fmt,
-    machine_busy,
     make_sentences,
     pct,
     peer_missing,
     ratio,
     serve_until_sigterm,
-    settle,
     wait_http_ok,
 )
 
@@ -1221,13 +1221,7 @@ def main() -> int:
     env_overrides = dict(kv.split("=", 1) for kv in args.env)
     RESULTS.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "busy_at_start": machine_busy(),
-        },
+        **run_record(),
         "model": {"folder": str(folder), "spec": BENCH_SPEC},
         "max_tokens": args.max_tokens,
         "temperature": 0,

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -49,7 +48,10 @@ from _machine import (  # the script's folder is on sys.path
     add_hog_option,
     hog_note,
     hog_until_closed,
+    machine_busy,
     reported,
+    run_record,
+    settle,
 )
 from _passes import add_passes_option, median_targets, merge_passes, passes_note
 from _server import add_transport_option, every_kind, interrupt_on_sigterm, launch_server, stop_server
@@ -141,38 +143,6 @@ def make_sentences(n: int, seed: int = 1234) -> list[str]:
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def cpu_busy(interval_s: float = 1.0) -> float:
-    """Share of all CPUs busy over the next interval_s (from /proc/stat), 0-100."""
-
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        return sum(fields) - idle, sum(fields)
-
-    busy0, total0 = sample()
-    time.sleep(interval_s)
-    busy1, total1 = sample()
-    return 100.0 * (busy1 - busy0) / max(1, total1 - total0)
-
-
-def settle(max_wait_s: float = 30.0, threshold: float = 15.0) -> float:
-    """Wait (up to max_wait_s) until the machine is quiet; return the last busy % seen.
-
-    Figures taken while something else runs (another test suite, a server still busy with the previous load)
-    are not comparable: this records how quiet it was, so the JSON says which figures to distrust."""
-    deadline = time.monotonic() + max_wait_s
-    busy = cpu_busy()
-    while busy > threshold and time.monotonic() < deadline:
-        busy = cpu_busy()
-    return busy
-
-
-def machine_busy() -> str:
-    """One line on how busy the machine is right now."""
-    load1 = os.getloadavg()[0]
-    return f"load1={load1:.2f} cpu_busy={cpu_busy():.0f}%"
 
 
 def wait_http_ok(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
@@ -697,13 +667,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     results: dict[str, Any] = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "busy_at_start": machine_busy(),
-        },
+        **run_record(),
         "sentences": {
             "count": len(sentences),
             "words_min": min(words),

@@ -25,7 +25,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import platform
 import re
 import sys
 import threading
@@ -36,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _machine import machine_busy, run_record
 from _server import interrupt_on_sigterm
 from embeddings import (  # the sibling benchmark's helpers (the script's folder is on sys.path)
     RESULTS,
-    machine_busy,
     make_sentences,
     pct,
     start_glm_serve,
@@ -433,11 +432,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     log_path = Path(f"/tmp/glm-serve-overload-{args.port}.log")
     results: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "busy_at_start": machine_busy(),
-        },
+        **run_record(),
         "phases_s": {"sustainable": args.sustain_s, "overload": args.overload_s, "normal": args.normal_s},
         "factor": args.factor,
     }

@@ -30,9 +30,8 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _machine import FOREIGN_MAX_PCT, CpuWindow
+from _machine import FOREIGN_MAX_PCT, CpuWindow, machine_busy
 from chat import make_messages, model_folder, prompt_ids
-from embeddings import machine_busy
 
 
 def one_per_row(lengths: list[int]) -> list[list[int]]:
