@@ -42,6 +42,16 @@ def _replica_name(deployment: str) -> str:
     return names.pop()
 
 
+def _settled(deployment: str) -> bool:
+    """Every replica Serve counts is RUNNING and is a live actor. Serve's controller may learn of a killed replica
+    seconds after its replacement serves: until then its status still counts the dead one as RUNNING, and after,
+    the replacement is STARTING (alive, but sent nothing until it has loaded its model)."""
+    from ray import serve
+
+    states = serve.status().applications["glm-serve"].deployments[deployment].replica_states
+    return set(states) == {"RUNNING"} and sum(states.values()) == len(_replica_names(deployment))
+
+
 def _chat_replica() -> ray.actor.ActorHandle:
     return ray.get_actor(_replica_name(CHAT), namespace="serve")
 
@@ -112,7 +122,8 @@ def test_embedding_replicas_killed_under_load_answer_503_then_recover(http: http
         thread.start()
     _until(lambda: len(answers) >= 6)
     served_before = len(answers)
-    for name in _replica_names(EMBEDDING):  # all of them (the CPU profile runs two): no request can avoid it
+    killed = _replica_names(EMBEDDING)
+    for name in killed:  # all of them (the CPU profile runs two): no request can avoid it
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
     killed_at = time.monotonic()
     stop.set()  # each client ends after the request it has in flight
@@ -140,17 +151,16 @@ def test_embedding_replicas_killed_under_load_answer_503_then_recover(http: http
         f"in flight at the kill: {statuses[served_before:]}; "
         f"embeddings served again {time.monotonic() - killed_at:.1f} s after the replica was killed"
     )
+    # Back to full strength for the tests after this one: every killed replica replaced, and running.
+    _until(lambda: _replica_names(EMBEDDING).isdisjoint(killed) and _settled(EMBEDDING))
+    assert len(_replica_names(EMBEDDING)) == len(killed)
 
 
 def test_a_broken_model_fails_its_health_check_and_its_replica_is_replaced(http: httpx.Client) -> None:
     from ray import serve
 
-    def all_running(deployment: str) -> bool:
-        # Replicas that an earlier test's kill replaced may still be starting: the router sends them nothing yet.
-        status = serve.status().applications["glm-serve"].deployments[deployment]
-        return set(status.replica_states) == {"RUNNING"}
-
-    _until(lambda: all_running(CHAT) and all_running(EMBEDDING))
+    # Replicas that an earlier test's kill replaced may still be starting: the router sends them nothing yet.
+    _until(lambda: _settled(CHAT) and _settled(EMBEDDING))
     before = {deployment: _replica_names(deployment) for deployment in (CHAT, EMBEDDING)}
     for deployment, replicas in before.items():
         # A handle call reaches one replica, chosen by Serve: called until every replica has been broken.
