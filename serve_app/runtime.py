@@ -96,6 +96,12 @@ def free_ports(count: int, ports: range, host: str = "127.0.0.1") -> list[int]:
     raise RuntimeError(f"fewer than {count} free ports in {ports.start}-{ports.stop - 1}")
 
 
+def haproxy_port_env(host: str = "127.0.0.1") -> dict[str, str]:
+    """Free ports for HAProxy mode's fixed ones (_HA_PROXY_PORTS), as the environment variables that set them."""
+    picked = free_ports(len(_HA_PROXY_PORTS), _HA_PROXY_PORT_RANGE, host)
+    return {key: str(port) for key, port in zip(_HA_PROXY_PORTS, picked, strict=True)}
+
+
 def _cannot_listen(host: str, port: int) -> OSError | None:
     """Why a server could not listen on host:port, or None if it could."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -222,8 +228,7 @@ def start_serve(
         os.environ.setdefault(key, value)
     os.environ[HA_PROXY] = "1" if uses_haproxy() else "0"
     if os.environ[HA_PROXY] == "1":
-        picked = free_ports(len(_HA_PROXY_PORTS), _HA_PROXY_PORT_RANGE, host)
-        os.environ.update({key: str(port) for key, port in zip(_HA_PROXY_PORTS, picked, strict=True)})
+        os.environ.update(haproxy_port_env(host))
     # address="local": always a new Ray of our own. Without it ray.init joins whatever cluster another process
     # (a test's simulated cluster, a killed `ray start`) left in /tmp/ray/ray_current_cluster, and deploys there.
     ray_init.setdefault("address", "local")
