@@ -1,16 +1,17 @@
-"""HAProxy in front of the ingress on two Ray nodes: the cluster profile's HTTP front, tried on one machine.
+"""The HTTP front on two Ray nodes, HAProxy or Serve's proxy: the cluster profile's choice, tried on one machine.
 
 `sudo python k8s/haproxy_two_nodes.py` (Linux, root: it makes a network namespace; ~3 min on 2 cores). A head node
 in this machine's namespace and a worker node in a namespace of its own, joined by a veth pair, so that each
 node's HAProxy owns the HTTP port of its own address, as each pod's does under KubeRay. Both run the CPU profile's
-graph with Ray's direct ingress and HAProxy (`RAY_SERVE_ENABLE_HA_PROXY=1`), `proxy_location: EveryNode`, the chat
-replica on the worker node. It prints what each node's front answers, and what the clients of one front get when
+graph with Ray's direct ingress and HAProxy (`RAY_SERVE_ENABLE_HA_PROXY=1`; `--front proxy`: Serve's proxy actor
+instead, Ray's default), `proxy_location: EveryNode`, the chat replica on the worker node. It prints what each node's front answers, and what the clients of one front get when
 an ingress replica on the other node, then the whole other node, goes away under load. Everything it starts is
-ended by PID, and the namespace removed, when it ends (README of k8s/, "The HTTP front").
+ended by PID, and the namespace removed, when it ends (k8s/README.md, "Two nodes, one machine").
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import logging
@@ -63,15 +64,15 @@ def second_network() -> Iterator[None]:
         subprocess.run(["ip", "netns", "del", NAMESPACE], check=False)  # takes the veth pair with it
 
 
-def node_env(files: Path, ports: dict[str, str]) -> dict[str, str]:
-    """A node's environment: the local starts' Serve settings, HAProxy on, and HAProxy's files where no other
+def node_env(files: Path, ports: dict[str, str], haproxy: bool) -> dict[str, str]:
+    """A node's environment: the local starts' Serve settings, the front, and HAProxy's files where no other
     node's are (on a real cluster each pod has its own /tmp); `ports`: HAProxy's own (stats, exporter, fallback)."""
     files.mkdir(parents=True, exist_ok=True)
     return {
         **os.environ,
         **ports,
         **SERVE_ENV,
-        HA_PROXY: "1",
+        HA_PROXY: "1" if haproxy else "0",
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
         "HF_HUB_OFFLINE": "1",
@@ -83,11 +84,11 @@ def node_env(files: Path, ports: dict[str, str]) -> dict[str, str]:
     }
 
 
-def start_node(command: list[str], folder: Path, head: bool) -> None:
+def start_node(command: list[str], folder: Path, head: bool, haproxy: bool) -> None:
     """`ray start` with 2 CPUs, Ray's files under `folder`. HAProxy's fixed ports are free ones on the head, which
     shares this machine's namespace with whatever else runs here; the worker node's namespace is its own."""
     ports = haproxy_port_env("0.0.0.0") if head else {}
-    env = node_env(folder / "hp", ports)
+    env = node_env(folder / "hp", ports, haproxy)
     subprocess.run(
         [*command, "--num-cpus=2", f"--temp-dir={folder / 'ray'}"], env=env, check=True, capture_output=True
     )
@@ -180,24 +181,27 @@ def under_load(ip: str, disrupt: Any, after_s: float = 20.0) -> dict[str, Any]:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--front", choices=["haproxy", "proxy"], default="haproxy", help="the HTTP front")
+    haproxy = parser.parse_args().front == "haproxy"
     if os.geteuid() != 0:
         print("needs root (it makes a network namespace)")
         return 2
     import ray
 
     files = Path(tempfile.mkdtemp(prefix="g2n-", dir="/tmp"))  # short: HAProxy takes socket paths of <= 97
-    findings: dict[str, Any] = {"nodes": {"head": HEAD, "worker": NODE1}}
+    findings: dict[str, Any] = {"nodes": {"head": HEAD, "worker": NODE1}, "haproxy": haproxy}
     started: list[psutil.Process] = []
     with second_network():
         try:
             head = [RAY, "start", "--head", f"--node-ip-address={HEAD}", f"--port={GCS_PORT}"]
-            start_node(
-                [*head, '--resources={"head": 1}', "--include-dashboard=false"], files / "h", head=True
-            )
+            head += ['--resources={"head": 1}', "--include-dashboard=false"]
+            start_node(head, files / "h", head=True, haproxy=haproxy)
             worker = ["ip", "netns", "exec", NAMESPACE, RAY, "start", f"--address={HEAD}:{GCS_PORT}"]
-            start_node(
-                [*worker, f"--node-ip-address={NODE1}", '--resources={"node1": 1}'], files / "n", head=False
-            )
+            worker += [f"--node-ip-address={NODE1}", '--resources={"node1": 1}']
+            start_node(worker, files / "n", head=False, haproxy=haproxy)
             os.environ.update(RAY_AUTH_MODE="disabled")
             ray.init(address=f"{HEAD}:{GCS_PORT}", logging_level=logging.ERROR)
             from ray import serve

@@ -1,7 +1,8 @@
-"""HAProxy fronts on two Ray nodes, each in a network namespace of its own (k8s/haproxy_two_nodes.py, ~100 s).
+"""The HTTP fronts on two Ray nodes, each in a network namespace of its own (k8s/haproxy_two_nodes.py, ~100 s per
+front): HAProxy, and Serve's proxy as the KubeRay profile runs it.
 
 Each node's front serves every route, wherever the ingress replicas run; losing the other node's ingress replica,
-or the whole node, costs only the requests in flight there. Needs root and `ip` (it makes a network namespace):
+or the whole node, costs at most the requests in flight there. Needs root and `ip` (it makes a network namespace):
 skipped without them.
 """
 
@@ -30,11 +31,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def findings() -> dict[str, Any]:
-    run = subprocess.run(
-        [sys.executable, str(SCENARIO)], capture_output=True, text=True, timeout=600, check=False
-    )
+@pytest.fixture(scope="module", params=["haproxy", "proxy"])
+def findings(request: pytest.FixtureRequest) -> dict[str, Any]:
+    command = [sys.executable, str(SCENARIO), "--front", request.param]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     line = next(line for line in run.stdout.splitlines() if line.startswith('{"findings"'))
     return json.loads(line)["findings"]  # type: ignore[no-any-return]
