@@ -1,12 +1,13 @@
 """The HTTP front on two Ray nodes, HAProxy or Serve's proxy: the cluster profile's choice, tried on one machine.
 
-`sudo python k8s/haproxy_two_nodes.py` (Linux, root: it makes a network namespace; ~3 min on 2 cores). A head node
-in this machine's namespace and a worker node in a namespace of its own, joined by a veth pair, so that each
-node's HAProxy owns the HTTP port of its own address, as each pod's does under KubeRay. Both run the CPU profile's
-graph with Ray's direct ingress and HAProxy (`RAY_SERVE_ENABLE_HA_PROXY=1`; `--front proxy`: Serve's proxy actor
-instead, Ray's default), `proxy_location: EveryNode`, the chat replica on the worker node. It prints what each node's front answers, and what the clients of one front get when
-an ingress replica on the other node, then the whole other node, goes away under load. Everything it starts is
-ended by PID, and the namespace removed, when it ends (k8s/README.md, "Two nodes, one machine").
+`sudo python k8s/haproxy_two_nodes.py [--front proxy]` (Linux, root: it makes a network namespace; ~100 s on 2
+cores). A head node in this machine's namespace and a worker node in a namespace of its own, joined by a veth pair,
+so that each node's front owns the HTTP port of its own address, as each pod's does under KubeRay. Both run the CPU
+profile's graph with `proxy_location: EveryNode` and the chat replica on the worker node, behind Ray's direct
+ingress and HAProxy (`RAY_SERVE_ENABLE_HA_PROXY=1`), or with `--front proxy` Serve's proxy actor (Ray's default).
+It prints what each node's front answers, and what the clients of one front get when an ingress replica on the
+other node, then the whole other node, goes away under load. Everything it starts is ended by PID, and the
+namespace removed, when it ends (k8s/README.md, "Two nodes, one machine").
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,9 @@ def second_network() -> Iterator[None]:
             subprocess.run(step, check=True)
         yield
     finally:
-        subprocess.run(["ip", "netns", "del", NAMESPACE], check=False)  # takes the veth pair with it
+        # The veth pair goes with the namespace once no process is left in it; deleted here in any case.
+        subprocess.run(["ip", "netns", "del", NAMESPACE], check=False)
+        subprocess.run(["ip", "link", "del", "glm-veth-h"], check=False, capture_output=True)
 
 
 def node_env(files: Path, ports: dict[str, str], haproxy: bool) -> dict[str, str]:
@@ -94,14 +97,30 @@ def start_node(command: list[str], folder: Path, head: bool, haproxy: bool) -> N
     )
 
 
-def ray_processes(node_ip: str) -> list[psutil.Process]:
-    """A node's raylet (or GCS) and everything below it: its workers and their HAProxy."""
+def node_processes(ip: str, folder: Path) -> list[psutil.Process]:
+    """A node's processes and everything below them: every one whose command line names the node's address (its
+    raylet, GCS, workers, Ray's client server) or its files (the autoscaler's monitor, HAProxy)."""
+    marks = (f"={ip}", str(folder))
     roots = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(process.info["cmdline"] or [])
-        if f"--node-ip-address={node_ip}" in cmdline or f"--node_ip_address={node_ip}" in cmdline:
+        if any(mark in cmdline for mark in marks):
             roots.append(process)
     return process_tree.descendants(roots)
+
+
+def end_nodes(files: Path) -> list[psutil.Process]:
+    """Kill both nodes' processes until none is found; those that would not die. A dying HAProxy manager may start
+    one more HAProxy after a look, so look again."""
+    for _ in range(5):
+        found = process_tree.merge(node_processes(HEAD, files / "h"), node_processes(NODE1, files / "n"))
+        if not found:
+            return []
+        left = process_tree.kill(found)
+        if left:
+            return left
+        time.sleep(1)
+    return process_tree.alive(found)
 
 
 def deploy(one_ingress_per_node: bool) -> None:
@@ -124,7 +143,7 @@ def deploy(one_ingress_per_node: bool) -> None:
 def where_replicas_run() -> dict[str, str]:
     import ray
 
-    found = {}
+    found = {}  # Ray's state API would need the dashboard, which the head does not run
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if actor["name"].startswith("SERVE_REPLICA::"):
             handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
@@ -152,7 +171,7 @@ def front_answers(ip: str) -> dict[str, Any]:
     return answers
 
 
-def under_load(ip: str, disrupt: Any, after_s: float = 20.0) -> dict[str, Any]:
+def under_load(ip: str, disrupt: Callable[[], object], after_s: float = 20.0) -> dict[str, Any]:
     """4 clients embedding through `ip`'s front; `disrupt()` 5 s in; what they got."""
     outcomes: collections.Counter[str] = collections.Counter()
     stop = threading.Event()
@@ -193,7 +212,6 @@ def main() -> int:
 
     files = Path(tempfile.mkdtemp(prefix="g2n-", dir="/tmp"))  # short: HAProxy takes socket paths of <= 97
     findings: dict[str, Any] = {"nodes": {"head": HEAD, "worker": NODE1}, "haproxy": haproxy}
-    started: list[psutil.Process] = []
     with second_network():
         try:
             head = [RAY, "start", "--head", f"--node-ip-address={HEAD}", f"--port={GCS_PORT}"]
@@ -202,7 +220,7 @@ def main() -> int:
             worker = ["ip", "netns", "exec", NAMESPACE, RAY, "start", f"--address={HEAD}:{GCS_PORT}"]
             worker += [f"--node-ip-address={NODE1}", '--resources={"node1": 1}']
             start_node(worker, files / "n", head=False, haproxy=haproxy)
-            os.environ.update(RAY_AUTH_MODE="disabled")
+            os.environ.update(RAY_AUTH_MODE="disabled")  # as the nodes: a token in ~/.ray would turn it on
             ray.init(address=f"{HEAD}:{GCS_PORT}", logging_level=logging.ERROR)
             from ray import serve
 
@@ -227,17 +245,15 @@ def main() -> int:
             findings["the worker node's ingress replica killed; clients on the head's front"] = under_load(
                 HEAD, kill_remote_ingress
             )
-            started = process_tree.merge(ray_processes(HEAD), ray_processes(NODE1))
-            node1 = ray_processes(NODE1)
             findings["the whole worker node killed; clients on the head's front"] = under_load(
-                HEAD, lambda: process_tree.kill(node1)
+                HEAD, lambda: process_tree.kill(node_processes(NODE1, files / "n"))
             )
         finally:
             ray.shutdown()
-            started = process_tree.merge(started, ray_processes(HEAD), ray_processes(NODE1))
-            left = process_tree.kill(started)
-            if left:
-                print(f"still running: {[p.pid for p in left]}")
+            left = end_nodes(files)
+    if left:
+        print(f"still running: {[process.pid for process in left]}")
+        return 1
     # One line, for tests/test_haproxy_two_nodes.py (Ray's log lines share stdout).
     print(json.dumps({"findings": findings}))
     shutil.rmtree(files, ignore_errors=True)  # Ray's and HAProxy's logs: kept only when the run fails

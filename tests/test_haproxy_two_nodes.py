@@ -71,5 +71,5 @@ def test_a_lost_ingress_or_node_costs_only_the_requests_in_flight_there(
     outcomes = dict(findings[disruption])
     served = outcomes.pop("200", 0)
     assert served >= 100, findings[disruption]
-    # 4 clients: the requests they had on the lost ingress, and the few sent before HAProxy heard of the loss.
+    # 4 clients: the requests they had on the lost ingress, and the few sent before the front heard of the loss.
     assert sum(outcomes.values()) <= 8, findings[disruption]
