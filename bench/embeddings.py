@@ -81,6 +81,7 @@ RAY_DEFAULTS = {
     "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "100",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "30",
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1",
     # Not in SERVE_ENV (start_serve chooses it): Serve's Python proxy in front, Ray's default.
     "RAY_SERVE_ENABLE_HA_PROXY": "0",
 }
