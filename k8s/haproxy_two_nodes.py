@@ -77,8 +77,6 @@ def node_env(files: Path, ports: dict[str, str], haproxy: bool) -> dict[str, str
         **SERVE_ENV,
         HA_PROXY: "1" if haproxy else "0",
         "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "HF_HUB_OFFLINE": "1",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(files / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(files / "admin.sock"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(files / "metrics.sock"),
