@@ -201,7 +201,11 @@ class EmbeddingModelConfig(_Strict):
     # Texts in one batch, from one request or several; a larger request is split, so a batch (and the wait of
     # whoever is behind it) has a bounded cost.
     max_batch_size: Annotated[int, Field(ge=1)] = 64
-    # Texts per forward pass within a batch, by token count: each pass pads its texts to its longest.
+    # True: a batch's texts run packed into one row of real tokens, padded only for attention
+    # (deployments/packed_encoder.py); a model that gives other vectors that way runs padded, with a warning.
+    packed: bool = True
+    # Texts padded together, by token count (each group pads to its longest): attention's groups when packed,
+    # whole forward passes when padded.
     forward_batch_size: Annotated[int, Field(ge=1)] = 32
     # 0: a batch starts at once. Under load batches still fill, from the requests that arrive while the previous
     # batch computes; waiting would only add latency to every request.

@@ -29,6 +29,10 @@ CHAT_CPU_THREADS = 1
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 EMBEDDING_REPLICAS = 2
 EMBEDDING_CPU_THREADS = max(1, (os.cpu_count() or 2) // EMBEDDING_REPLICAS)
+# Texts padded together. Packed (deployments/packed_encoder.py), only attention pads, and attention groups of 8,
+# 16 or 32 gave the same ~141 sentences/s in process on one thread. Padded, passes of 16 pad less than
+# sentence-transformers' 32 (32 clients x 8 sentences: ~192-195 vs ~165/s).
+EMBEDDING_FORWARD_BATCH_SIZE = 16
 
 
 def _cpu(
@@ -126,9 +130,7 @@ def cpu_demo_args(
                 # take, refuse and route requests more often: under overload, embedding 200s p50 3.9 s vs 6.1 s at
                 # 256, and the same ~165-190 sentences/s for 32 clients x 8 sentences (bench/overload.py, embeddings.py).
                 "max_batch_size": 64,
-                # Less padding than sentence-transformers' 32 (32 clients x 8 sentences: ~192-195 vs ~165/s; in
-                # process, batches of 16 cost no more per text than batches of 32).
-                "forward_batch_size": 16,
+                "forward_batch_size": EMBEDDING_FORWARD_BATCH_SIZE,
                 # A request counts once here whatever its number of inputs, so the counts alone let 48 large
                 # requests wait ~100 s on 2 busy cores (bench/overload.py); the queue deadline (the default's 12
                 # batches as each replica measures them: ~0.36-0.46 s per 64 texts on one thread, so 4.3-5.5 s

@@ -31,14 +31,16 @@ def test_one_384d_unit_vector_per_input_in_order(client: openai.OpenAI) -> None:
 
 
 def test_vectors_are_the_models_own_across_several_passes(client: openai.OpenAI) -> None:
-    """The replica sorts a batch by token count and runs it in passes of 16: the rows come back where they were
-    sent, as sentence-transformers computes them. Texts whose character and token orders disagree (CJK: a token
-    per character, emoji: several) and more of them than one pass holds."""
+    """The replica runs a batch packed, sorted by token count, with attention in groups of 16
+    (deployments/packed_encoder.py): the rows come back where they were sent, as sentence-transformers computes
+    them. Texts whose character and token orders disagree (CJK: a token per character, emoji: several), one past
+    the model's 256 tokens, and more of them than one group holds."""
     from sentence_transformers import SentenceTransformer
 
     from serve_app.profiles import minilm_path
 
     texts = [f"{'深度学习' * (i % 5)} {'word ' * (i % 9)}{'🚀' * (i % 3)} item {i}" for i in range(40)]
+    texts.append("truncated " * 300)
     expected = SentenceTransformer(minilm_path(), device="cpu").encode(texts, convert_to_numpy=True)
     assert np.allclose(_vectors(client, texts), expected, atol=1e-5)
 
