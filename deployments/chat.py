@@ -15,7 +15,7 @@ from deployments.chat_engine.capability import check_vocabulary, choose_engine
 from deployments.chat_engine.continuous import ContinuousBatchingEngine
 from deployments.chat_engine.jobs import Engine
 from deployments.chat_engine.sequential import SequentialEngine
-from deployments.cpu_affinity import cpus_besides, pin_to_one_cpu, usable_cpus
+from deployments.cpu_affinity import cpus_for_helper, pin_to_one_cpu, usable_cpus
 from deployments.model_files import (
     context_window,
     end_token_ids,
@@ -42,12 +42,12 @@ class ChatDeployment:
         from transformers import AutoModelForCausalLM
 
         # The constructor runs on the replica's event loop thread; the engine's thread, started below, inherits it.
-        # A prefill thread goes to the other CPUs.
+        # A prefill thread may use every CPU (cpus_for_helper says why).
         cpus = usable_cpus()
         self._cpu = (
             pin_to_one_cpu(serve.get_replica_context().rank.local_rank) if config.pin_to_one_cpu else None
         )
-        self._prefill_cpus = cpus_besides(self._cpu, cpus) if config.prefill_thread else None
+        self._prefill_cpus = cpus_for_helper(self._cpu, cpus) if config.prefill_thread else None
         device = resolve_device(config.device, config.cpu_threads)
         self._tokenizer = load_tokenizer(config)
         model = AutoModelForCausalLM.from_pretrained(

@@ -16,8 +16,8 @@ its detokenization) ends that row only. A failed forward pass of a decode step f
 slots, mark the engine broken: it then refuses every request with 503 and its health check fails, so Serve
 replaces the replica.
 
-With `prefill_thread`, a second thread prefills instead (a CPU replica, where it runs on the CPUs the worker is
-not pinned to): prompts one wave at a time, a long one chunk after chunk, into the top free KV slots; it sends
+With `prefill_thread`, a second thread prefills instead (a CPU replica, where it may run on every CPU, so on the
+cores the worker leaves idle: deployments/cpu_affinity.py): prompts one wave at a time, a long one chunk after chunk, into the top free KV slots; it sends
 each prompt's first token itself, and the worker moves the wave into the batch at its next turn. Decode steps then
 stall for no prefill, and a new stream's first token waits for no decode step. While the thread works on a long
 prompt, the worker also prefills, between its steps as above, the prompts that have waited _HELP_AFTER_S: into the
