@@ -12,7 +12,6 @@ instead of ~230 and ran 91% of the time instead of 84%.
 from __future__ import annotations
 
 import os
-import sys
 
 
 def usable_cpus() -> set[int]:
@@ -55,10 +54,3 @@ def pin_thread(cpus: set[int]) -> None:
     """Pin the calling thread to `cpus` (of those this process may use); nothing where the OS cannot pin."""
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)
-
-
-def lower_thread_priority(niceness: int) -> None:
-    """Raise the calling thread's niceness by `niceness` (Linux: per thread); nothing elsewhere, where it would
-    lower the whole process."""
-    if sys.platform.startswith("linux"):
-        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
