@@ -38,6 +38,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -189,16 +190,19 @@ def measure_limit(sentences: list[str], batch_sizes: list[int]) -> dict[str, Any
     # (deployments/packed_encoder.py) at the largest: the limit is the best of them, whichever path gives it.
     packed_batch = max(batch_sizes)
 
-    def encode(label: str) -> np.ndarray:
-        if label.isdigit():
-            return model.encode(sentences, batch_size=int(label), show_progress_bar=False)
+    def encode_packed() -> np.ndarray:
         chunks = [sentences[start : start + packed_batch] for start in range(0, len(sentences), packed_batch)]
         return np.concatenate([packed.encode(chunk)[0] for chunk in chunks])
 
+    runs: dict[str, Callable[[], np.ndarray]] = {
+        str(size): partial(model.encode, sentences, batch_size=size, show_progress_bar=False)
+        for size in batch_sizes
+    }
+    runs[f"packed {packed_batch}"] = encode_packed
     by_batch: dict[str, float] = {}
-    for label in [*map(str, batch_sizes), f"packed {packed_batch}"]:
+    for label, encode in runs.items():
         start = time.perf_counter()
-        vectors = encode(label)
+        vectors = encode()
         elapsed = time.perf_counter() - start
         assert vectors.shape == (len(sentences), 384)
         by_batch[label] = len(sentences) / elapsed

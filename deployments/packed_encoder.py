@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+from torch.nn.functional import scaled_dot_product_attention
 
 logger = logging.getLogger("ray.serve")
 
@@ -44,11 +46,11 @@ class _Group:
     end: int
     texts: int
     longest: int
-    slots: Any  # each token's place in the group's texts x longest grid (a torch index)
-    keys: Any  # texts x 1 x 1 x longest: True where a key is a real token (sdpa's boolean mask)
+    slots: torch.Tensor  # each token's place in the group's texts x longest grid
+    keys: torch.Tensor  # texts x 1 x 1 x longest: True where a key is a real token (sdpa's boolean mask)
 
 
-def _padded(states: Any, group: _Group) -> Any:
+def _padded(states: torch.Tensor, group: _Group) -> torch.Tensor:
     """A group's tokens of a packed 1 x heads x tokens x head size tensor, as texts x heads x longest x head size."""
     _, heads, _, head_size = states.shape
     grid = states.new_zeros(heads, group.texts * group.longest, head_size)
@@ -57,22 +59,19 @@ def _padded(states: Any, group: _Group) -> Any:
 
 
 def _packed_attention(
-    module: Any,
-    query: Any,
-    key: Any,
-    value: Any,
-    attention_mask: Any,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs: Any,
-) -> tuple[Any, None]:
+) -> tuple[torch.Tensor, None]:
     """Attention for a packed row (batch 1, the batch's texts one after another): each group of texts padded to
     its longest, one scaled-dot-product call per group. transformers builds no mask for an implementation it
     does not know, so `attention_mask` is None here: the groups say which tokens attend to which."""
     groups: list[_Group] = kwargs[_GROUPS]
-    from torch import cat
-    from torch.nn.functional import scaled_dot_product_attention
-
     outputs = []
     for group in groups:
         attended = scaled_dot_product_attention(
@@ -86,7 +85,7 @@ def _packed_attention(
         grid = attended.transpose(0, 1).reshape(heads, group.texts * group.longest, head_size)
         outputs.append(grid[:, group.slots])
     # Shaped as transformers' attention functions return it: batch x tokens x heads x head size.
-    return cat(outputs, dim=1).transpose(0, 1).unsqueeze(0), None
+    return torch.cat(outputs, dim=1).transpose(0, 1).unsqueeze(0), None
 
 
 class PackedEncoder:
@@ -131,8 +130,6 @@ class PackedEncoder:
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         """The texts' vectors in their order, and each text's token count."""
-        import torch
-
         model = self._model
         features = model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)
         token_ids: list[list[int]] = features["input_ids"]
@@ -142,7 +139,7 @@ class PackedEncoder:
         lengths = [counts[i] for i in order]
         device = model.device
 
-        def packed(column: list[list[int]]) -> Any:
+        def packed(column: list[list[int]]) -> torch.Tensor:
             return torch.tensor([[token for i in order for token in column[i]]], device=device)
 
         inputs = {"input_ids": packed(token_ids)}
@@ -175,9 +172,9 @@ class PackedEncoder:
         vectors[order] = sentence_vectors
         return vectors, counts
 
-    def _groups(self, lengths: list[int], starts: list[int], ends: list[int], device: Any) -> list[_Group]:
-        import torch
-
+    def _groups(
+        self, lengths: list[int], starts: list[int], ends: list[int], device: torch.device
+    ) -> list[_Group]:
         groups = []
         for first in range(0, len(lengths), self._group_size):
             members = lengths[first : first + self._group_size]

@@ -17,11 +17,12 @@ slots, mark the engine broken: it then refuses every request with 503 and its he
 replaces the replica.
 
 With `prefill_thread`, a second thread prefills instead (a CPU replica, where it may run on every CPU, so on the
-cores the worker leaves idle: deployments/cpu_affinity.py): prompts one wave at a time, a long one chunk after chunk, into the top free KV slots; it sends
-each prompt's first token itself, and the worker moves the wave into the batch at its next turn. Decode steps then
-stall for no prefill, and a new stream's first token waits for no decode step. While the thread works on a long
-prompt, the worker also prefills, between its steps as above, the prompts that have waited _HELP_AFTER_S: into the
-next running slots (a long one into the staging slot), never into those the thread holds.
+cores the worker leaves idle: deployments/cpu_affinity.py): prompts one wave at a time, a long one chunk after
+chunk, into the top free KV slots; it sends each prompt's first token itself, and the worker moves the wave into
+the batch at its next turn. Decode steps then stall for no prefill, and a new stream's first token waits for no
+decode step. While the thread works on a long prompt, the worker also prefills, between its steps as above, the
+prompts that have waited _HELP_AFTER_S: into the next running slots (a long one into the staging slot), never
+into those the thread holds.
 
 It drives any decoder whose attention layers call `past_key_values.update(keys, values, layer)` and accept a
 prepared 4D mask (transformers' native models, GLM-4 among them); `SequentialEngine` serves the rest.
