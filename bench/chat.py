@@ -569,7 +569,7 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deployments.chat_engine.continuous import ContinuousBatchingEngine
-    from deployments.cpu_affinity import cpus_for_helper, pin_to_one_cpu, usable_cpus
+    from deployments.cpu_affinity import cpus_for_prefill, pin_to_one_cpu, usable_cpus
     from deployments.model_files import end_token_ids, resolve_device
     from serve_app.protocol.engine import GenerateRequest, SamplingParams
 
@@ -591,7 +591,7 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
         model.config.max_position_embeddings,
         profile.prefill_chunk_tokens,
         prefill_thread=profile.prefill_thread,
-        prefill_cpus=cpus_for_helper(pinned, cpus) if profile.prefill_thread else None,
+        prefill_cpus=cpus_for_prefill(pinned, cpus) if profile.prefill_thread else None,
     )
 
     async def one(i: int, budget: int, sink: list[tuple[float, int]]) -> None:

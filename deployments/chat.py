@@ -15,7 +15,7 @@ from deployments.chat_engine.capability import check_vocabulary, choose_engine
 from deployments.chat_engine.continuous import ContinuousBatchingEngine
 from deployments.chat_engine.jobs import Engine
 from deployments.chat_engine.sequential import SequentialEngine
-from deployments.cpu_affinity import cpus_for_helper, pin_to_one_cpu, usable_cpus
+from deployments.cpu_affinity import cpus_for_prefill, pin_to_one_cpu, usable_cpus
 from deployments.model_files import (
     context_window,
     end_token_ids,
@@ -42,12 +42,12 @@ class ChatDeployment:
         from transformers import AutoModelForCausalLM
 
         # The constructor runs on the replica's event loop thread; the engine's thread, started below, inherits it.
-        # A prefill thread may use every CPU (cpus_for_helper says why).
+        # A prefill thread runs short waves on the pinned CPU, long prompts on every CPU (cpus_for_prefill says why).
         cpus = usable_cpus()
         self._cpu = (
             pin_to_one_cpu(serve.get_replica_context().rank.local_rank) if config.pin_to_one_cpu else None
         )
-        self._prefill_cpus = cpus_for_helper(self._cpu, cpus) if config.prefill_thread else None
+        self._prefill_cpus = cpus_for_prefill(self._cpu, cpus) if config.prefill_thread else None
         device = resolve_device(config.device, config.cpu_threads)
         self._tokenizer = load_tokenizer(config)
         model = AutoModelForCausalLM.from_pretrained(
@@ -108,12 +108,17 @@ class ChatDeployment:
         """Answered for /health: the sequences this replica is generating (`running_sequences`, the batch),
         those waiting for a place in it, the streams open on it (those two plus streams relaying their end), the
         queue deadline as measured now (null before the first step), the CPU its threads are pinned to (null
-        when they are not: `pin_to_one_cpu`), those of its prefill thread (null without one, or unpinned), and
+        when they are not: `pin_to_one_cpu`), those of its prefill thread for short waves and for long prompts
+        (`short_waves`, `long_prompts`; null without one, or unpinned), and
         what its decode steps have cost since it started (`decode`: steps, rows, forward_s, forward_cpu_s;
         null for the sequential engine; deployments/chat_engine/decode_tally.py)."""
         return {
             "cpu": self._cpu,
-            "prefill_cpus": sorted(self._prefill_cpus) if self._prefill_cpus else None,
+            "prefill_cpus": (
+                {where: sorted(cpus) for where, cpus in self._prefill_cpus._asdict().items()}
+                if self._prefill_cpus
+                else None
+            ),
             "running_sequences": self._engine.running_sequences,
             "waiting_sequences": self._engine.waiting_sequences,
             "open_streams": self._engine.open_streams,

@@ -12,6 +12,7 @@ instead of ~230 and ran 91% of the time instead of 84%.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 
 def usable_cpus() -> set[int]:
@@ -31,23 +32,32 @@ def pin_to_one_cpu(slot: int) -> int | None:
     return cpu
 
 
-def cpus_for_helper(pinned: int | None, cpus: set[int]) -> set[int] | None:
-    """Where a helper of the pinned threads goes (a prefill thread, which shares their GIL): every one of `cpus`,
-    the pinned CPU too. It inherits the pin from the thread that starts it, so it is set free explicitly.
+class PrefillCpus(NamedTuple):
+    """Where a pinned replica's prefill thread runs: a wave of short prompts, and a long prompt."""
 
-    Confined to the other CPUs, it shared them with the serving path (the ingress, HAProxy, the clients), which
-    preempted it while it held the GIL the engine waited for, and every hand-over of the GIL and of a prefilled wave
-    crossed CPUs. Free to use both, it ran mostly on the engine's CPU (144 of 205 samples while runnable), and the
-    engine's decode steps got shorter: 4.28-4.44 ms on the wall instead of 4.80-5.13, of which 3.50-3.61 ms of its
-    CPU instead of 3.78-4.01. Measured on this project's 2-core machine, `python bench/chat.py --only engine --only
+    short_waves: set[int]
+    long_prompts: set[int]
+
+
+def cpus_for_prefill(pinned: int | None, cpus: set[int]) -> PrefillCpus | None:
+    """Where the prefill thread of threads pinned to `pinned` goes (it shares their GIL; it inherits their pin from
+    the thread that starts it, so it is placed explicitly): short waves on the pinned CPU, long prompts on every
+    one of `cpus`. None when nothing is pinned: the thread then runs wherever its starter may.
+
+    A pass over a wave of short prompts is mostly Python between small torch calls, holding the GIL the engine's
+    decode steps wait for, so a second CPU gains it little. Confined to the other CPUs, it shared them with the
+    serving path (the ingress, HAProxy, the clients), which preempted it while it held that GIL, and every
+    hand-over of the GIL and of a prefilled wave crossed CPUs. Free to use every CPU, it ran mostly on the engine's
+    (144 of 205 samples while runnable), and glm-serve streamed +11% (`python bench/chat.py --only engine --only
     glm --concurrency 16 --rates '' --repeat 1`, alternating, three pairs: 2649 / 2573 / 2626 vs 2431 / 2314 / 2289
-    tokens/s through glm-serve (+11%), 0.82 / 0.85 / 0.84 vs 0.73 / 0.73 / 0.74 of the engine alone, TTFT p50 52 /
-    57 / 55 vs 76 / 67 / 100 ms; with `--rounds 8`, four pairs: +7%, 0.80 / 0.80 / 0.78 / 0.82 vs 0.75 / 0.76 / 0.78
-    / 0.77. Long prompts (`--prompt-tokens 1000`, two pairs) within the noise both ways.
-    None when nothing is pinned: the helper then runs wherever its starter may."""
+    tokens/s). On the engine's CPU alone, the other left to the serving path, +1-6% more in each of six alternating
+    pairs (`--only glm --concurrency 16 --rates '' --repeat 1 --rounds 8`, and 4 rounds at 16 and 32 streams), the
+    engine's forward pass 4.38-4.60 ms on the wall instead of 4.52-4.98. A long prompt's passes are large matrix
+    products that release the GIL, and there the second CPU counts: on the engine's CPU alone, 1,000-token prompts
+    streamed 972 tokens/s instead of 1115 (`--prompt-tokens 1000`)."""
     if pinned is None or not cpus:
         return None
-    return set(cpus)
+    return PrefillCpus(short_waves={pinned}, long_prompts=set(cpus))
 
 
 def pin_thread(cpus: set[int]) -> None:

@@ -14,6 +14,7 @@ import pytest
 from deployments.chat_engine.continuous import ContinuousBatchingEngine
 from deployments.chat_engine.packing import pack_rows
 from deployments.chat_engine.sequential import SequentialEngine
+from deployments.cpu_affinity import PrefillCpus
 from deployments.queue_deadline import QueueDeadline
 from serve_app.errors import ServiceUnavailable, overloaded
 from serve_app.protocol.engine import GenerateRequest, SamplingParams
@@ -383,22 +384,70 @@ def test_a_failing_prefill_on_the_prefill_thread_fails_only_its_request(parts: A
         engine.close()
 
 
+class _LateHandOver(ContinuousBatchingEngine):
+    """A worker that takes the prefill thread's finished waves only once two wait (or 0.3 s has passed), so the
+    thread prefills the next wave while the last waits for the worker; records how many prompts each hand-over
+    moved into the batch."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.handed_over: list[int] = []
+        super().__init__(*args, prefill_thread=True, **kwargs)
+
+    def _join_prefilled(self) -> None:
+        give_up = time.monotonic() + 0.3
+        while self._prefilled and len(self._prefilled) < 2 and time.monotonic() < give_up:
+            time.sleep(0.001)
+        if self._prefilled:
+            self.handed_over.append(len(self._prefilled))
+        super()._join_prefilled()
+
+
+def test_the_prefill_thread_prefills_the_next_wave_while_the_last_waits_for_the_worker(parts: Any) -> None:
+    """Waves of one prompt each (two of these do not fit in a wave's 128 tokens): the thread writes each into
+    the slots above the waves the worker has yet to take, and the worker moves them down into the batch while
+    the thread writes the next. One prompt ends with its first token (its slot stays a gap), one is over the
+    wave budget (alone, in the top slot, once the waves before it are in the batch). Slots run out: later
+    prompts reuse those the first ones left."""
+    model, tokenizer, ends = parts
+    engine = _LateHandOver(model, tokenizer, ends, max_num_seqs=5, max_model_len=512)
+    try:
+        requests = [request(tokenizer, i) for i in (8, 9, 10, 15, 11, 8)]
+        requests.insert(2, request(tokenizer, 7, max_tokens=1))
+        lengths = sorted(len(r.prompt_token_ids) for r in requests)
+        assert lengths[0] + lengths[1] > 128 and lengths[-1] > 128, lengths
+        assert run(engine, requests) == [generate_text(model, tokenizer, ends, r) for r in requests]
+        assert max(engine.handed_over) >= 2, engine.handed_over
+        assert engine.running_sequences == 0 and engine.waiting_sequences == 0
+        engine.check_alive()
+    finally:
+        engine.close()
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no thread affinity on this OS")
-def test_the_prefill_thread_runs_on_the_cpus_it_is_given_at_the_replicas_priority(parts: Any) -> None:
+def test_the_prefill_thread_runs_each_wave_on_its_cpus_at_the_replicas_priority(parts: Any) -> None:
     model, tokenizer, ends = parts
     before = os.sched_getaffinity(0)
-    cpu = min(before)
+    cpus = PrefillCpus(short_waves={min(before)}, long_prompts=set(before))
     engine = ContinuousBatchingEngine(
-        model, tokenizer, ends, max_num_seqs=2, max_model_len=512, prefill_thread=True, prefill_cpus={cpu}
+        model, tokenizer, ends, max_num_seqs=2, max_model_len=512, prefill_thread=True, prefill_cpus=cpus
     )
-    try:
-        # The thread pins itself before its first wave.
-        run(engine, [request(tokenizer, 0, max_tokens=2)])
+
+    def placed_after(generate: GenerateRequest) -> set[int]:
+        """Where the thread is pinned once it has prefilled `generate` (it stays there until its next wave)."""
+        run(engine, [generate])
         (thread,) = [t for t in threading.enumerate() if t.name == "prefill"]
-        assert thread.native_id is not None and os.sched_getaffinity(thread.native_id) == {cpu}
+        assert thread.native_id is not None
         # At the caller's priority, not below it: it shares the engine's CPU (continuous.py says why).
         if sys.platform.startswith("linux"):
             assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == os.getpriority(os.PRIO_PROCESS, 0)
+        return os.sched_getaffinity(thread.native_id)
+
+    try:
+        long = request(tokenizer, 15, max_tokens=2)
+        assert len(long.prompt_token_ids) > 128  # over the thread's wave budget
+        assert placed_after(request(tokenizer, 0, max_tokens=2)) == cpus.short_waves
+        assert placed_after(long) == cpus.long_prompts
+        assert placed_after(request(tokenizer, 1, max_tokens=2)) == cpus.short_waves
         assert os.sched_getaffinity(0) == before  # the caller's own
     finally:
         engine.close()

@@ -145,13 +145,13 @@ def test_health_is_ok_when_every_deployment_answers(http: httpx.Client) -> None:
     }
     assert body["deployments"]["embedding:all-MiniLM-L6-v2"]["dimensions"] == 384
     assert body["deployments"]["chat:tiny-glm"]["running_sequences"] >= 0
-    # The CPU profile pins the tiny GLM's replica (pin_to_one_cpu) and prefills on a thread free to use every CPU,
-    # the pinned one too (prefill_thread; deployments/cpu_affinity.py cpus_for_helper); the tools model keeps the
-    # defaults.
+    # The CPU profile pins the tiny GLM's replica (pin_to_one_cpu) and prefills on a thread that runs short waves on
+    # the pinned CPU and long prompts on every CPU (prefill_thread; deployments/cpu_affinity.py cpus_for_prefill);
+    # the tools model keeps the defaults.
     tiny, tools = body["deployments"]["chat:tiny-glm"], body["deployments"]["chat:tiny-glm-tools"]
     cpus = os.sched_getaffinity(0)
     assert tiny["cpu"] in cpus
-    assert set(tiny["prefill_cpus"]) == cpus
+    assert tiny["prefill_cpus"] == {"short_waves": [tiny["cpu"]], "long_prompts": sorted(cpus)}
     assert tools["cpu"] is None and tools["prefill_cpus"] is None
 
 

@@ -17,12 +17,13 @@ slots, mark the engine broken: it then refuses every request with 503 and its he
 replaces the replica.
 
 With `prefill_thread`, a second thread prefills instead (a CPU replica, where it may run on every CPU, so on the
-cores the worker leaves idle: deployments/cpu_affinity.py): prompts one wave at a time, a long one chunk after
-chunk, into the top free KV slots; it sends each prompt's first token itself, and the worker moves the wave into
-the batch at its next turn. Decode steps then stall for no prefill, and a new stream's first token waits for no
-decode step. While the thread works on a long prompt, the worker also prefills, between its steps as above, the
-prompts that have waited _HELP_AFTER_S: into the next running slots (a long one into the staging slot), never
-into those the thread holds.
+cores the worker leaves idle: deployments/cpu_affinity.py): waves of short prompts into free KV slots above the
+running ones, one wave after another without waiting for the worker to take the last, or a long prompt chunk
+after chunk into the top slot, alone; it sends each prompt's first token itself, and the worker moves every wave
+it finished into the batch at its next turn. Decode steps then stall for no prefill, and a new stream's first
+token waits for no decode step. While the thread works on a long prompt, the worker also prefills, between its
+steps as above, the prompts that have waited _HELP_AFTER_S: into the next running slots (a long one into the
+staging slot), never into those the thread holds.
 
 It drives any decoder whose attention layers call `past_key_values.update(keys, values, layer)` and accept a
 prepared 4D mask (transformers' native models, GLM-4 among them); `SequentialEngine` serves the rest.
@@ -44,7 +45,7 @@ from deployments.chat_engine.packing import PackedPrefill
 from deployments.chat_engine.sampling import Chosen, choose_tokens
 from deployments.chat_engine.sequence import Sequence
 from deployments.chat_engine.slot_cache import SlotKVCache
-from deployments.cpu_affinity import pin_thread
+from deployments.cpu_affinity import PrefillCpus, pin_thread
 from serve_app.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -79,11 +80,12 @@ class ContinuousBatchingEngine(Engine):
         max_model_len: int,
         prefill_chunk_tokens: int = 2048,
         prefill_thread: bool = False,
-        prefill_cpus: set[int] | None = None,
+        prefill_cpus: PrefillCpus | None = None,
         **options: Any,
     ) -> None:
         """`options`: the `Engine` keyword arguments (stream interval, metrics, queue deadline, defaults).
-        `prefill_cpus`: where the prefill thread runs (None: where the thread that builds the engine may)."""
+        `prefill_cpus`: where the prefill thread runs its short waves and its long prompts (None: where the thread
+        that builds the engine may)."""
         super().__init__(model, tokenizer, end_token_ids, **options)
         self._max_model_len = max_model_len
         self._chunk_tokens = prefill_chunk_tokens
@@ -113,21 +115,22 @@ class ContinuousBatchingEngine(Engine):
         self._break_requested = False  # fault injection (break_for_tests)
         self._reported_sequences = (-1, -1)  # (running, waiting) last sent to the metrics
         self._tally = DecodeTally()
-        # The prefill thread's wave: its prompts (their slots taken from the free ones) until the worker moves the
-        # prefilled ones into the batch. One wave at a time, so its slots are always the top ones.
+        # The prefill thread's slots: those of the wave it works on and of the waves it finished, until the worker
+        # moves them into the batch (_release_thread_slots says where they lie).
         self._prefill_front = self._cache.prefill_front()
-        self._wave_taken = 0
-        self._wave_tokens = 0  # its prompt tokens
+        self._thread_taken = 0
+        self._thread_end = 0  # above the highest slot of its short waves while it holds any
+        self._thread_long = False  # whether what it holds is a long prompt (in the top slot)
         # Slots the worker took for its own prefill (a wave in its pass, or its staged prompt): with a prefill
         # thread, each takes prompts only while slots are free beside what the other holds.
         self._worker_taken = 0
         self._prefilled: list[tuple[Sequence, int]] = []  # (sequence, the slot its prompt was prefilled into)
         self._prefill_wakeup = threading.Event()
+        self._prefill_cpus = prefill_cpus
+        self._prefill_placed: set[int] | None = None  # where the prefill thread is pinned now
         self._prefill_thread: threading.Thread | None = None
         if prefill_thread:
-            self._prefill_thread = threading.Thread(
-                target=self._prefill_loop, args=(prefill_cpus,), name="prefill", daemon=True
-            )
+            self._prefill_thread = threading.Thread(target=self._prefill_loop, name="prefill", daemon=True)
         self._thread = threading.Thread(target=self._loop, name="continuous-batching", daemon=True)
         self._thread.start()
         if self._prefill_thread is not None:
@@ -149,7 +152,7 @@ class ContinuousBatchingEngine(Engine):
 
     @property
     def waiting_sequences(self) -> int:
-        return len(self._waiting) + (self._staged is not None) + self._wave_taken
+        return len(self._waiting) + (self._staged is not None) + self._thread_taken
 
     def _submit(self, job: Job) -> None:
         request = job.request
@@ -261,7 +264,7 @@ class ContinuousBatchingEngine(Engine):
 
     def _thread_on_long_wave(self) -> bool:
         """Whether the prefill thread is busy with a prompt longer than its wave budget (the worker may help)."""
-        return self._wave_tokens > _PREFILL_THREAD_WAVE_TOKENS
+        return self._thread_long
 
     def _idle(self) -> None:
         """Wait for work (a job, a close); what the outbox holds goes out first. While the prefill thread is on a
@@ -289,7 +292,7 @@ class ContinuousBatchingEngine(Engine):
             self._staged = None
         with self._lock:
             prefilled, self._prefilled = self._prefilled, []
-            self._wave_taken = self._wave_tokens = 0
+            self._release_thread_slots(len(prefilled))
         for sequence, _ in prefilled:
             if not sequence.done:
                 sequence.fail(refusal)
@@ -334,10 +337,17 @@ class ContinuousBatchingEngine(Engine):
         """One prefill forward pass of waiting prompts within `budget` tokens (a long prompt's first chunk only
         with the whole chunk budget); the prompt tokens it took."""
         with self._lock:
+            if self._prefill_thread is not None and not self._thread_long:
+                # The thread's short waves take the slots above the batch, where this prefill would write: it may
+                # be writing there now, its long prompt just done.
+                return 0
             # Beside a prefill thread, only the prompts it has left waiting: it takes the others soon enough.
             queued_before = None if self._prefill_thread is None else time.perf_counter() - _HELP_AFTER_S
             jobs, tokens = self._take_wave(
-                budget, fresh=budget == self._chunk_tokens, queued_before=queued_before
+                budget,
+                fresh=budget == self._chunk_tokens,
+                free=self._free_slots(),
+                queued_before=queued_before,
             )
             self._worker_taken = len(jobs)
         sequences = self._sequences(jobs)
@@ -356,20 +366,19 @@ class ContinuousBatchingEngine(Engine):
             self._worker_taken = int(self._staged is not None)
 
     def _free_slots(self) -> int:
-        """Under the lock: the KV slots neither the batch, nor the prefill thread's wave, nor the worker's own
-        prefill holds."""
-        return self._cache.num_slots - len(self._running) - self._wave_taken - self._worker_taken
+        """Under the lock: the KV slots neither the batch, nor the prefill thread, nor the worker's own prefill
+        holds."""
+        return self._cache.num_slots - len(self._running) - self._thread_taken - self._worker_taken
 
     def _take_wave(
-        self, budget: int, fresh: bool, queued_before: float | None = None
+        self, budget: int, fresh: bool, free: int, queued_before: float | None = None
     ) -> tuple[list[Job], int]:
-        """Under the lock: the waiting prompts of the next wave within `budget` tokens, while slots are free, and
-        their tokens (with `queued_before`, only those that reached the engine before then). The first prompt
+        """Under the lock: the waiting prompts of the next wave within `budget` tokens, at most `free` of them,
+        and their tokens (with `queued_before`, only those that reached the engine before then). The first prompt
         goes whatever its length in a `fresh` pass (one that follows no other before the next decode step); a
         long one goes alone, in chunks."""
         jobs: list[Job] = []
         tokens = 0
-        free = self._free_slots()
         while self._waiting and len(jobs) < free:
             job = self._waiting[0]
             if queued_before is not None and job.queued_at >= queued_before:
@@ -519,9 +528,8 @@ class ContinuousBatchingEngine(Engine):
 
     # The prefill thread (prefill_thread=True) from here on, and the worker's side of its hand-over.
 
-    def _prefill_loop(self, cpus: set[int] | None) -> None:
-        if cpus:
-            pin_thread(cpus)
+    def _prefill_loop(self) -> None:
+        self._place_prefill_thread(long=False)
         # At the replica's own priority. At niceness +10 (set while it was confined to the CPUs the pin left, to
         # leave the serving path its CPU) it prefilled later on the engine's CPU, and streams joined the batch later
         # (bench/chat.py --only engine --only glm --concurrency 16, six alternating pairs: 2543 vs 2430 tokens/s on
@@ -541,35 +549,69 @@ class ContinuousBatchingEngine(Engine):
                     self._prefill_wakeup.clear()
 
     def _prefill_next_wave(self) -> bool:
-        """Prefill the next wave of waiting prompts into the top slots (a long prompt chunk after chunk), send
-        their first tokens, and hand them to the worker. False when there is none to take now: nothing waits, no
-        slot is free, or the worker has yet to take the last wave."""
+        """Prefill the next wave of waiting prompts (a long prompt chunk after chunk), send their first tokens,
+        and hand them to the worker. False when there is none to take now: nothing waits, no slot is free, or the
+        worker has yet to take a long prompt, or the waves before a long one."""
         with self._lock:
-            if self.broken is not None or self._wave_taken:
+            if self.broken is not None or self._thread_long:
                 return False
-            jobs, tokens = self._take_wave(min(_PREFILL_THREAD_WAVE_TOKENS, self._chunk_tokens), fresh=True)
-            self._wave_taken, self._wave_tokens = len(jobs), tokens
-        if not jobs:
-            return False
-        if self._thread_on_long_wave():
+            held = self._thread_taken
+            # Beside waves the worker has yet to take, only a short one. A long one goes alone, into the top slot:
+            # the worker may help beside it, into the slots above the batch, only while they hold nothing else.
+            base = max(len(self._running) + self._worker_taken + held, self._thread_end)
+            budget = min(_PREFILL_THREAD_WAVE_TOKENS, self._chunk_tokens)
+            jobs, tokens = self._take_wave(budget, fresh=not held, free=self._cache.num_slots - base)
+            if not jobs:
+                return False
+            long = tokens > _PREFILL_THREAD_WAVE_TOKENS
+            self._thread_taken += len(jobs)
+            self._thread_long = long
+            if not long:
+                self._thread_end = base + len(jobs)
+        if long:
             self._wakeup.set()  # an idle worker watches for prompts to help with meanwhile
+        self._place_prefill_thread(long)
         sequences = self._sequences(jobs)
-        top = self._cache.num_slots
-        slots = list(range(top - len(sequences), top))
+        if long:
+            # The top slot: the worker's own prefill goes into the next running ones meanwhile.
+            slots = [self._cache.num_slots - 1]
+        else:
+            slots = list(range(base, base + len(sequences)))
         if len(sequences) == 1 and tokens > self._chunk_tokens:
             prefilled = self._prefill_long(sequences[0], slots[0])
         else:
             prefilled = self._prefill_above(sequences, slots)
         self._outbox.flush()  # the first tokens, now: not after the worker's next step
+        kept = [(s, slot) for s, slot in prefilled if not s.done]
         with self._lock:
-            self._prefilled = [(s, slot) for s, slot in prefilled if not s.done]
-            self._wave_taken = len(self._prefilled)
+            self._prefilled += kept
+            self._release_thread_slots(len(jobs) - len(kept))
         self._wakeup.set()
         return True
 
+    def _place_prefill_thread(self, long: bool) -> None:
+        """Pin the prefill thread where its next wave runs (deployments/cpu_affinity.py cpus_for_prefill)."""
+        if self._prefill_cpus is None:
+            return
+        cpus = self._prefill_cpus.long_prompts if long else self._prefill_cpus.short_waves
+        if cpus != self._prefill_placed:
+            pin_thread(cpus)
+            self._prefill_placed = cpus
+
+    def _release_thread_slots(self, count: int) -> None:
+        """Under the lock: the prefill thread no longer holds `count` of its slots (moved into the batch, or their
+        prompts failed, finished or were refused).
+
+        Its short waves take slots upwards from above the batch, the worker's own prefill and its earlier
+        waves, until it holds none: the worker moves the finished ones into its next running slots, in
+        ascending order (SlotKVCache.commit), so each lands at or below where it was, and below every slot the
+        thread may be writing meanwhile."""
+        self._thread_taken -= count
+        if not self._thread_taken:
+            self._thread_end, self._thread_long = 0, False
+
     def _prefill_above(self, sequences: list[Sequence], slots: list[int]) -> list[tuple[Sequence, int]]:
-        """Prefill a wave into `slots`, free ones above the running ones, in ascending order: they are moved into
-        the batch in this order, each into the lowest free slot, so none is overwritten before it is moved."""
+        """Prefill a wave into `slots`, free ones above the running ones, in ascending order."""
         try:
             chosen = self._first_choices(sequences, slots, self._prefill_front)
         except Exception as exc:
@@ -600,17 +642,18 @@ class ContinuousBatchingEngine(Engine):
         return [(sequence, slot)]
 
     def _join_prefilled(self) -> None:
-        """The worker: move the prefill thread's last wave into the batch, then let it take the next."""
+        """The worker: move the waves the prefill thread finished into the batch, lowest slot first, each into the
+        lowest free slot, so none is overwritten before it is moved."""
         with self._lock:
             prefilled, self._prefilled = self._prefilled, []
         if not prefilled:
             return
-        for sequence, slot in prefilled:
+        for sequence, slot in sorted(prefilled, key=lambda prefill: prefill[1]):
             if not sequence.done and not sequence.job.cancelled.is_set():
                 self._cache.commit(slot, len(sequence.job.request.prompt_token_ids))
                 self._running.append(sequence)
         with self._lock:
-            self._wave_taken = self._wave_tokens = 0
+            self._release_thread_slots(len(prefilled))
         self._prefill_wakeup.set()
 
     def _decode_step(self) -> None:
