@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import os
 import platform
 import subprocess
@@ -135,6 +136,21 @@ class CpuWindow:
         self.busy_pct = 100.0 * (busy1 - self._busy0) / total
         # Ticks of processes that exited inside the window are lost on both sides; clamp at 0.
         self.foreign_pct = max(0.0, 100.0 * ((busy1 - self._busy0) - (ours1 - self._ours0)) / total)
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """A measured window in which the garbage collector leaves this process's older objects alone. The load clients
+    run in this process, so a full collection of everything the run had kept (its earlier passes' results) paused
+    every stream's reading mid-level, and the server measured took the blame: in the third of three passes of
+    `bench/chat.py --only glm --only peer --concurrency 16,32 --rates '' --repeat 1 --passes 3`, a 214 ms
+    collection in the client gave glm-serve a gap p99 of 230 ms instead of 68-81 ms."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def reported(level: dict[str, Any], figure: str) -> float | None:

@@ -66,6 +66,7 @@ from _machine import (
     add_hog_option,
     cpu_probe_ms,
     descendants,
+    frozen_heap,
     hog_note,
     hog_until_closed,
     machine_busy,
@@ -499,7 +500,7 @@ def measure_levels(
             if rss is not None:
                 rss.mark(key)
             before = decode_tally() if decode_tally else None
-            with CpuWindow() as cpu:
+            with frozen_heap(), CpuWindow() as cpu:
                 result = asyncio.run(run())
             result["decode"] = decode_figures(before, decode_tally() if decode_tally else None)
             result.update(
@@ -644,7 +645,8 @@ def measure_engine(args: argparse.Namespace, concurrencies: list[int]) -> dict[s
         out = {}
         for concurrency in concurrencies:
             requests = requests_for(concurrency, args.rounds, args.c1_requests)
-            r = out[f"c{concurrency}"] = await level(concurrency, requests, args.max_tokens)
+            with frozen_heap():  # as the load clients of (b) and (c): the model's objects too, here
+                r = out[f"c{concurrency}"] = await level(concurrency, requests, args.max_tokens)
             print(
                 f"  engine     {concurrency:>2} streams: {r['tokens_per_s']:7.1f} tokens/s  TTFT p50 "
                 f"{r['ttft_p50_ms']:7.1f} ms  p99 {r['ttft_p99_ms']:7.1f} ms  gap p99 "

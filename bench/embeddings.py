@@ -47,6 +47,7 @@ from _machine import (  # the script's folder is on sys.path
     FOREIGN_MAX_PCT,
     CpuWindow,
     add_hog_option,
+    frozen_heap,
     hog_note,
     hog_until_closed,
     machine_busy,
@@ -291,7 +292,7 @@ def measure_load(
             attempts = []
             for _ in range(attempts_max):
                 quiet = settle()
-                with CpuWindow() as cpu:
+                with frozen_heap(), CpuWindow() as cpu:
                     result = asyncio.run(_load(url, model, subset, per_request, concurrency))
                 result.update(
                     cpu_busy_before_pct=quiet, cpu_busy_pct=cpu.busy_pct, cpu_foreign_pct=cpu.foreign_pct
