@@ -16,8 +16,8 @@ its detokenization) ends that row only. A failed forward pass of a decode step f
 slots, mark the engine broken: it then refuses every request with 503 and its health check fails, so Serve
 replaces the replica.
 
-With `prefill_thread`, a second thread prefills instead (a CPU replica, where it may run on every CPU, so on the
-cores the worker leaves idle: deployments/cpu_affinity.py): waves of short prompts into free KV slots above the
+With `prefill_thread`, a second thread prefills instead (a CPU replica: its short waves on the worker's CPU, a
+long prompt on every CPU, deployments/cpu_affinity.py): waves of short prompts into free KV slots above the
 running ones, one wave after another without waiting for the worker to take the last, or a long prompt chunk
 after chunk into the top slot, alone; it sends each prompt's first token itself, and the worker moves every wave
 it finished into the batch at its next turn. Decode steps then stall for no prefill, and a new stream's first
@@ -529,12 +529,11 @@ class ContinuousBatchingEngine(Engine):
     # The prefill thread (prefill_thread=True) from here on, and the worker's side of its hand-over.
 
     def _prefill_loop(self) -> None:
-        self._place_prefill_thread(long=False)
-        # At the replica's own priority. At niceness +10 (set while it was confined to the CPUs the pin left, to
-        # leave the serving path its CPU) it prefilled later on the engine's CPU, and streams joined the batch later
-        # (bench/chat.py --only engine --only glm --concurrency 16, six alternating pairs: 2543 vs 2430 tokens/s on
-        # the mean, 13.6-13.8 vs 12.9-13.2 sequences per step, 0.84 vs 0.79 of the engine alone; 1,000-token
-        # prompts the same).
+        # Placed before each wave (_place_prefill_thread), at the replica's own priority. At niceness +10 (set while
+        # it was confined to the CPUs the pin left, to leave the serving path its CPU) it prefilled later on the
+        # engine's CPU, and streams joined the batch later (bench/chat.py --only engine --only glm --concurrency 16,
+        # six alternating pairs: 2543 vs 2430 tokens/s on the mean, 13.6-13.8 vs 12.9-13.2 sequences per step, 0.84
+        # vs 0.79 of the engine alone; 1,000-token prompts the same).
         with torch.inference_mode():
             while not self._closed:
                 try:
